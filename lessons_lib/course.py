@@ -1,0 +1,214 @@
+"""Course plumbing shared by every notebook: lesson setup, answer checks, and notebook maintenance commands.
+
+In a notebook:
+
+    from lessons_lib.course import setup_lesson, check
+    device = setup_lesson(seed=0)        # offline hub, Triton interpreter on CPU, seeds, one summary line
+    check("my kl", my_kl, reference_kl)  # prints exact / approximate / max diff; raises if wrong
+
+From the shell (see docs/DEVELOPING.md, "Notebooks"):
+
+    python -m lessons_lib.course new 04_ppo "PPO, one step at a time"   # a notebook skeleton with the lesson pattern
+    python -m lessons_lib.course sync                                   # badges, setup cell, kernelspec, no outputs
+    python -m lessons_lib.course student notebooks student               # student copies without solutions
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+# The one place that names the public repository: badges and the Colab setup cell are generated from it.
+REPO_SLUG = "lessons-lib/lessons_lib"
+REPO_BRANCH = "main"
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+# --------------------------------------------------------------------------------------------- in a lesson
+
+
+def setup_lesson(seed: int = 0, quiet: bool = False):
+    """Prepare a lesson: offline hub, Triton interpreter on CPU, seeded RNGs. Returns the torch device.
+
+    Call it before importing `lessons_lib.kernels`: TRITON_INTERPRET is read when a kernel is *defined*.
+    Existing environment variables win (`setdefault`), so a GPU user or CI can override any of them.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    seed_everything(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not quiet:
+        name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+        hub = "offline" if os.environ.get("HF_HUB_OFFLINE") == "1" else "online"
+        print(f"device {device} · {name} · torch {torch.__version__} · hub {hub} · seed {seed}")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every GPU)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check(name: str, got, expected, *, atol: float = 1e-6, rtol: float = 1e-5) -> None:
+    """Compare a learner's answer with the reference; print exact / approximate / max diff; raise if wrong.
+
+    Works for tensors, arrays, numbers, strings and nested lists/tuples/dicts of those.
+    (The three-word verdict is the `cmp()` of Karpathy's nn-zero-to-hero notebooks.)
+    """
+    import numpy as np
+    import torch
+
+    def as_array(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().cpu().double().numpy()
+        return np.asarray(x, dtype=np.float64)
+
+    if isinstance(expected, dict):
+        if not isinstance(got, dict) or set(got) != set(expected):
+            raise AssertionError(f"{name}: expected a dict with keys {sorted(expected)}, got {type(got).__name__}"
+                                 + (f" with keys {sorted(got)}" if isinstance(got, dict) else ""))
+        for key in expected:
+            check(f"{name}[{key!r}]", got[key], expected[key], atol=atol, rtol=rtol)
+        return
+    if isinstance(expected, str) or got is None or isinstance(got, str):
+        if got != expected:
+            raise AssertionError(f"{name}: expected {expected!r}, got {got!r}")
+        print(f"{name:<28} exact: True")
+        return
+    try:
+        g, e = as_array(got), as_array(expected)
+    except (TypeError, ValueError) as err:
+        raise AssertionError(f"{name}: cannot compare {type(got).__name__} with {type(expected).__name__}") from err
+    if g.shape != e.shape:
+        raise AssertionError(f"{name}: expected shape {tuple(e.shape)}, got {tuple(g.shape)}")
+    exact = bool(np.array_equal(g, e))
+    approx = bool(np.allclose(g, e, atol=atol, rtol=rtol, equal_nan=False))
+    maxdiff = float(np.max(np.abs(g - e))) if g.size else 0.0
+    print(f"{name:<28} exact: {exact!s:<5} | approximate: {approx!s:<5} | max diff: {maxdiff:.3g}")
+    if not approx:
+        raise AssertionError(f"{name}: not equal to the reference (max abs diff {maxdiff:.3g}, "
+                             f"tolerance atol={atol:g} rtol={rtol:g})")
+
+
+# --------------------------------------------------------------------------------------------- notebooks
+
+SETUP_TAG, BADGE_TAG, PARAMS_TAG = "colab-setup", "colab-badge", "parameters"
+EXERCISE_TAG, CHECK_TAG = "exercise", "check"
+
+
+def badge_markdown(notebook_name: str) -> str:
+    url = f"https://colab.research.google.com/github/{REPO_SLUG}/blob/{REPO_BRANCH}/notebooks/{notebook_name}"
+    return f'<a href="{url}" target="_parent"><img src="https://colab.research.google.com/assets/colab-badge.svg" alt="Open In Colab"/></a>'
+
+
+def setup_cell_source() -> str:
+    """The guarded Colab setup cell, identical in every notebook. Outside Colab it does nothing."""
+    return "\n".join([
+        "# Colab only: fetch the course and install lessons_lib. In a local checkout this cell does nothing.",
+        "import os, sys",
+        "if \"google.colab\" in sys.modules and not os.path.isdir(\"/content/lessons_lib\"):",
+        f"    REPO = os.environ.get(\"LESSONS_LIB_REPO\", \"https://github.com/{REPO_SLUG}\")",
+        "    !git clone -q --depth 1 {REPO} /content/lessons_lib",
+        "    !pip install -q -e /content/lessons_lib",
+        "if \"google.colab\" in sys.modules:",
+        "    os.chdir(\"/content/lessons_lib/notebooks\")",
+    ])
+
+
+def _tags(cell) -> list:
+    return cell.get("metadata", {}).get("tags", [])
+
+
+def sync_notebook(path: Path) -> bool:
+    """Regenerate the badge and setup cell, set the python3 kernelspec and Colab GPU metadata, strip outputs.
+
+    Returns True when the file changed. The badge line is the first line of the cell tagged `colab-badge`.
+    """
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    before = nbformat.writes(nb)
+    for cell in nb.cells:
+        tags = _tags(cell)
+        if BADGE_TAG in tags:
+            lines = cell.source.split("\n")
+            lines[0] = badge_markdown(path.name)
+            cell.source = "\n".join(lines)
+        if SETUP_TAG in tags:
+            cell.source = setup_cell_source()
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+            cell.metadata.pop("execution", None)
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nb.metadata["accelerator"] = "GPU"
+    nb.metadata["colab"] = {"provenance": [], "gpuType": "T4"}
+    after = nbformat.writes(nb)
+    if after != before:
+        path.write_text(after + ("" if after.endswith("\n") else "\n"))
+    return after != before
+
+
+def new_notebook(stem: str, title: str, directory: Path = NOTEBOOK_DIR) -> Path:
+    """Write a notebook skeleton that follows the lesson pattern (docs/DEVELOPING.md)."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook as nb_new
+
+    number = stem.split("_", 1)[0]
+    cells = [
+        new_markdown_cell("\n".join([
+            badge_markdown(f"{stem}.ipynb"), "", f"# {number} · {title}", "",
+            "**What you'll learn**", "- ...", "", "*Time: ~N min on a laptop CPU (tiny world), ~N min on a GPU.*"]),
+            metadata={"tags": [BADGE_TAG]}),
+        new_code_cell(setup_cell_source(), metadata={"tags": [SETUP_TAG]}),
+        new_code_cell("\n".join([
+            "# Parameters: the tiny offline world on CPU; on a GPU with network try e.g. \"Qwen/Qwen2.5-0.5B-Instruct\".",
+            "MODEL = \"tiny-qwen2-sft\""]), metadata={"tags": [PARAMS_TAG]}),
+        new_code_cell("from lessons_lib.course import setup_lesson, check\n\ndevice = setup_lesson(seed=0)"),
+    ]
+    path = directory / f"{stem}.ipynb"
+    if path.exists():
+        raise FileExistsError(f"{path} exists; edit it instead")
+    nbformat.write(nb_new(cells=cells), path)
+    sync_notebook(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(__doc__)
+        return 0
+    command, args = argv[0], argv[1:]
+    if command == "sync":
+        paths = [Path(a) for a in args] or sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+        for p in paths:
+            print(("updated  " if sync_notebook(p) else "unchanged ") + str(p))
+        return 0
+    if command == "new":
+        print(new_notebook(args[0], " ".join(args[1:]) or args[0]))
+        return 0
+    if command == "student":
+        from lessons_lib.student import write_student_copies  # issue 9: added with the instructor material
+
+        write_student_copies(Path(args[0]), Path(args[1]))
+        return 0
+    print(f"unknown command {command!r}; try: sync, new, student", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
