@@ -29,14 +29,17 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 # --------------------------------------------------------------------------------------------- in a lesson
 
 
-def setup_lesson(seed: int = 0, quiet: bool = False):
+def setup_lesson(seed: int = 0, model: str | None = None, quiet: bool = False):
     """Prepare a lesson: offline hub, Triton interpreter on CPU, seeded RNGs. Returns the torch device.
 
-    Call it before importing `lessons_lib.kernels`: TRITON_INTERPRET is read when a kernel is *defined*.
-    Existing environment variables win (`setdefault`), so a GPU user or CI can override any of them.
+    The hub stays offline unless `model` names a hub model (not a tiny-world id, not a local path), so a learner who
+    sets `MODEL = "Qwen/Qwen2.5-0.5B-Instruct"` on a GPU with network can download it. Call this before importing
+    `lessons_lib.kernels`: TRITON_INTERPRET is read when a kernel is *defined*. Existing environment variables win
+    (`setdefault`), so a GPU user or CI can override any of them.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if model is None or model.startswith("tiny-") or os.path.exists(model):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
@@ -114,16 +117,23 @@ def badge_markdown(notebook_name: str) -> str:
 
 
 def setup_cell_source() -> str:
-    """The guarded Colab setup cell, identical in every notebook. Outside Colab it does nothing."""
+    """The guarded Colab setup cell, identical in every notebook. Outside Colab it does nothing.
+
+    On Colab it clones the course (notebooks, data and the tiny world's models) and installs the package with pip,
+    which keeps Colab's own torch. `LESSONS_LIB_REPO` / `LESSONS_LIB_HOME` override where from and where to
+    (tests/test_colab_setup.py simulates Colab offline with a local `file://` clone).
+    """
     return "\n".join([
         "# Colab only: fetch the course and install lessons_lib. In a local checkout this cell does nothing.",
         "import os, sys",
-        "if \"google.colab\" in sys.modules and not os.path.isdir(\"/content/lessons_lib\"):",
-        f"    REPO = os.environ.get(\"LESSONS_LIB_REPO\", \"https://github.com/{REPO_SLUG}\")",
-        "    !git clone -q --depth 1 {REPO} /content/lessons_lib",
-        "    !pip install -q -e /content/lessons_lib",
         "if \"google.colab\" in sys.modules:",
-        "    os.chdir(\"/content/lessons_lib/notebooks\")",
+        "    HOME = os.environ.get(\"LESSONS_LIB_HOME\", \"/content/lessons_lib\")",
+        "    if not os.path.isdir(HOME):",
+        f"        REPO = os.environ.get(\"LESSONS_LIB_REPO\", \"https://github.com/{REPO_SLUG}\")",
+        "        !git clone -q --depth 1 {REPO} {HOME}",
+        "        !pip install -q {HOME}",
+        "    os.environ[\"LESSONS_LIB_DATA\"] = os.path.join(HOME, \"data\")",
+        "    os.chdir(os.path.join(HOME, \"notebooks\"))",
     ])
 
 
@@ -177,7 +187,7 @@ def new_notebook(stem: str, title: str, directory: Path = NOTEBOOK_DIR) -> Path:
         new_code_cell("\n".join([
             "# Parameters: the tiny offline world on CPU; on a GPU with network try e.g. \"Qwen/Qwen2.5-0.5B-Instruct\".",
             "MODEL = \"tiny-qwen2-sft\""]), metadata={"tags": [PARAMS_TAG]}),
-        new_code_cell("from lessons_lib.course import setup_lesson, check\n\ndevice = setup_lesson(seed=0)"),
+        new_code_cell("from lessons_lib.course import setup_lesson, check\n\ndevice = setup_lesson(seed=0, model=MODEL)"),
     ]
     path = directory / f"{stem}.ipynb"
     if path.exists():
@@ -185,6 +195,34 @@ def new_notebook(stem: str, title: str, directory: Path = NOTEBOOK_DIR) -> Path:
     nbformat.write(nb_new(cells=cells), path)
     sync_notebook(path)
     return path
+
+
+def student_copy(nb):
+    """A student copy of a notebook: every exercise's solution replaced by its stub; outputs stripped."""
+    import copy
+
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        if EXERCISE_TAG in _tags(cell):
+            cell.source = cell.metadata["lessons"]["stub"]
+            cell.metadata.pop("lessons")  # the wrong answer is a hint: keep it out of the student's copy
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    return nb
+
+
+def write_student_copies(source_dir: Path, target_dir: Path) -> list[Path]:
+    """`make student`: write student copies of every notebook in `source_dir` into `target_dir`."""
+    import nbformat
+
+    target_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in sorted(Path(source_dir).glob("*.ipynb")):
+        out = target_dir / path.name
+        nbformat.write(student_copy(nbformat.read(path, as_version=4)), out)
+        written.append(out)
+        print(f"wrote {out}")
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,8 +240,6 @@ def main(argv: list[str] | None = None) -> int:
         print(new_notebook(args[0], " ".join(args[1:]) or args[0]))
         return 0
     if command == "student":
-        from lessons_lib.student import write_student_copies  # issue 9: added with the instructor material
-
         write_student_copies(Path(args[0]), Path(args[1]))
         return 0
     print(f"unknown command {command!r}; try: sync, new, student", file=sys.stderr)
