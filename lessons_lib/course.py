@@ -131,7 +131,7 @@ def setup_cell_source() -> str:
         "    if not os.path.isdir(HOME):",
         f"        REPO = os.environ.get(\"LESSONS_LIB_REPO\", \"https://github.com/{REPO_SLUG}\")",
         "        !git clone -q --depth 1 {REPO} {HOME}",
-        "        !pip install -q {HOME}",
+        "        %pip install -q {HOME}",
         "    os.environ[\"LESSONS_LIB_DATA\"] = os.path.join(HOME, \"data\")",
         "    os.chdir(os.path.join(HOME, \"notebooks\"))",
     ])
