@@ -1,0 +1,120 @@
+"""Plumbing shared by the kernel modules: importing Triton, choosing the implementation, launch configs.
+
+Nothing here is a kernel. The three ideas a reader needs:
+
+- `INTERPRETED` says whether the kernels were *defined* under `TRITON_INTERPRET=1` (Triton reads the variable when
+  `@triton.jit` runs, i.e. when `lessons_lib.kernels` is first imported). Then they run on CPU tensors, slowly.
+- `use_triton(impl, *tensors)` turns `impl="auto"|"triton"|"torch"` into a yes/no with a clear error when the
+  Triton path cannot run. `auto` = Triton on CUDA tensors or in the interpreter, else the torch reference.
+- `tuned(kernel, configs, key)` autotunes over a few launch configs on a GPU; the interpreter cannot time
+  anything, so there it launches with the first config of the list.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # e.g. macOS: no Triton wheel. The torch references still work; kernels are never launched.
+    HAS_TRITON = False
+
+    class _NoTriton:
+        """Just enough for the kernel definitions below to parse: `@triton.jit` and `tl.constexpr`."""
+
+        constexpr = None
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def heuristics(_):
+            return lambda f: f
+
+    triton = tl = _NoTriton()
+
+IMPLS = ("auto", "triton", "torch")
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _probe():  # defined only to ask Triton which kind of function `@triton.jit` makes in this process
+        pass
+
+    INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
+else:
+    INTERPRETED = False
+
+
+def use_triton(impl: str, *tensors: torch.Tensor, op: str) -> bool:
+    """True if `op` should run its Triton kernels for these tensors, False for the torch reference."""
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    on_cuda = all(t.is_cuda for t in tensors)
+    if impl == "torch":
+        return False
+    if impl == "auto":
+        return HAS_TRITON and (on_cuda or INTERPRETED)
+    if not HAS_TRITON:
+        raise RuntimeError(f"{op}(impl='triton'): Triton is not installed; use impl='torch'")
+    if not on_cuda and not INTERPRETED:
+        devices = sorted({str(t.device) for t in tensors})
+        raise RuntimeError(
+            f"{op}(impl='triton') got tensors on {devices}: Triton needs CUDA tensors, or the Triton interpreter on "
+            "CPU. Set TRITON_INTERPRET=1 before lessons_lib.kernels is first imported "
+            "(lessons_lib.course.setup_lesson() does it on a machine without a GPU), or use impl='torch'.")
+    return True
+
+
+def check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{op}: tensors on different devices: " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+
+
+def num_programs(device: torch.device) -> int:
+    """How many programs a persistent (grid-stride) kernel should launch: a few per SM on a GPU, 4 otherwise."""
+    if device.type == "cuda" and not INTERPRETED:
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+class _FirstConfig:
+    """`kernel[grid](...)` with the config's meta-parameters filled in (the interpreter's stand-in for autotune)."""
+
+    def __init__(self, kernel, config):
+        self.kernel, self.meta = kernel, dict(config.kwargs)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **self.meta)
+
+
+def tuned(kernel, configs: list, key: list[str]):
+    """Autotune `kernel` over `configs` on a GPU (once per distinct value of the `key` arguments).
+
+    In the interpreter the first config is used: put the one that is cheapest to interpret (large blocks) first.
+    Only tune kernels that are pure functions of their inputs: the tuner launches them several times.
+    """
+    if INTERPRETED or not HAS_TRITON:
+        return _FirstConfig(kernel, configs[0])
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+def config(num_warps: int = 4, **meta):
+    """A launch config: meta-parameters (block sizes) plus `num_warps` (ignored by the interpreter)."""
+    if not HAS_TRITON:
+        return _Config(meta)
+    return triton.Config(meta, num_warps=num_warps)
+
+
+class _Config:
+    def __init__(self, kwargs):
+        self.kwargs = kwargs
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()

@@ -1,0 +1,110 @@
+"""NF4 dequantization in one Triton kernel, equal (bit for bit) to `lessons_lib.nf4.dequantize_nf4`. Lessons 01, 07.
+
+The format is `lessons_lib.nf4.NF4State` (lesson 01 builds it from scratch): two 4-bit codes per byte, high nibble
+first; per block of `blocksize` values one scale, itself 8-bit quantized when double quantization is on:
+
+    scale[b] = absmax_code[absmax_q[b]] * absmax_scale[b // 256] + absmax_offset      (or absmax[b])
+    w[i]     = code[nibble(i)] * scale[i // blocksize]                              (fp32, then cast to dtype)
+
+Each program reads BLOCK packed bytes and writes the 2 * BLOCK values they hold; a byte's two values always share
+a block (blocksize is even), so its scale is looked up once. The 16-entry code and the 256-entry absmax code are
+gathered through pointers (they stay in cache). Reads 1/2 byte per weight, writes 2 (bf16): write-bound.
+
+Bit-exactness needs two details: the GPU must not fuse `a * b + c` into one fma (the reference rounds twice;
+we launch with enable_fp_fusion=False), and the interpreter's fp32 -> bf16 cast truncates where torch and GPUs
+round to nearest even, so in the interpreter the kernel rounds by hand first (`_round_fp32_to_bf16`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..nf4 import NF4State, dequantize_nf4
+from ._common import INTERPRETED, check_same_device, config, tl, triton, tuned, use_triton
+
+
+@triton.jit
+def _round_fp32_to_bf16(x):
+    """x rounded to the nearest bf16 value (ties to even), still as fp32: its low 16 bits become zero."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nf4_dequantize_kernel(
+    packed_ptr,  # (n_bytes,) uint8, two codes per byte
+    out_ptr,  # (n,) in the original dtype
+    code_ptr,  # (16,) fp32 NF4 values
+    absmax_ptr,  # (n_blocks,) fp32 scales, or uint8 indices into absmax_code when DOUBLE_QUANT
+    absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,  # (256,) fp32, (n_blocks / 256,) fp32, () fp32
+    n, n_bytes,
+    bytes_per_block,  # blocksize // 2
+    absmax_blocksize,  # scales per absmax_scale (256)
+    DOUBLE_QUANT: tl.constexpr,
+    ROUND_BF16: tl.constexpr,  # interpreter only: round to bf16 by hand (its cast truncates)
+    BLOCK: tl.constexpr,  # packed bytes per program
+):
+    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    byte_ok = byte < n_bytes
+    packed = tl.load(packed_ptr + byte, mask=byte_ok, other=0)
+    block = byte // bytes_per_block
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block, mask=byte_ok, other=0).to(tl.int32)
+        scale = tl.load(absmax_code_ptr + q) * tl.load(absmax_scale_ptr + block // absmax_blocksize, mask=byte_ok)
+        scale = scale + tl.load(absmax_offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=byte_ok, other=0.0)
+
+    hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale  # value 2 * byte
+    lo = tl.load(code_ptr + (packed & 0x0F).to(tl.int32)) * scale  # value 2 * byte + 1
+    values = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))  # interleave: hi0, lo0, hi1, lo1, ...
+    if ROUND_BF16:
+        values = _round_fp32_to_bf16(values)
+
+    i = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + i, values.to(out_ptr.dtype.element_ty), mask=i < n)
+
+
+_dequantize = tuned(_nf4_dequantize_kernel, key=[], configs=[
+    config(BLOCK=8192, num_warps=8), config(BLOCK=512, num_warps=4), config(BLOCK=1024, num_warps=4),
+    config(BLOCK=2048, num_warps=8), config(BLOCK=4096, num_warps=8)])
+
+
+def nf4_dequantize(packed: torch.Tensor, state, impl: str = "auto") -> torch.Tensor:
+    """Dequantize NF4 `packed` (uint8, ceil(numel / 2) bytes) with `state` -> tensor of state.shape and state.dtype.
+
+    `state` is a `lessons_lib.nf4.NF4State`, or a bitsandbytes `QuantState` (e.g. `linear4bit.weight.quant_state`).
+    impl: "triton", "torch" (`lessons_lib.nf4.dequantize_nf4`) or "auto". The result equals the reference exactly.
+    """
+    if not isinstance(state, NF4State):
+        state = NF4State.from_bnb(state)
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"nf4_dequantize: packed must be uint8, got {packed.dtype}")
+    n = state.shape.numel()
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"nf4_dequantize: packed has {packed.numel()} bytes; state.shape {tuple(state.shape)} "
+                         f"needs {(n + 1) // 2}")
+    if state.blocksize % 2:
+        raise ValueError(f"nf4_dequantize: blocksize must be even, got {state.blocksize}")
+    scales = state.absmax_q if state.double_quant else state.absmax
+    check_same_device("nf4_dequantize", packed=packed, code=state.code, absmax=scales)
+    if not use_triton(impl, packed, op="nf4_dequantize"):
+        return dequantize_nf4(packed, state)
+
+    packed = packed.reshape(-1).contiguous()
+    out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
+    if n == 0:
+        return out
+    code = state.code.float().contiguous()
+    if state.double_quant:
+        extra = (state.absmax_code.float().contiguous(), state.absmax_scale.float().contiguous(),
+                 state.absmax_offset.float().reshape(1))
+    else:
+        extra = (code, code, code)  # unused pointers
+    gpu_only = {} if INTERPRETED else {"enable_fp_fusion": False}  # no fma: round like the reference
+    grid = lambda meta: (triton.cdiv(packed.numel(), meta["BLOCK"]),)  # noqa: E731
+    _dequantize[grid](packed, out, code, scales.contiguous(), *extra, n, packed.numel(), state.blocksize // 2,
+                      state.absmax_blocksize, DOUBLE_QUANT=state.double_quant,
+                      ROUND_BF16=INTERPRETED and state.dtype == torch.bfloat16, **gpu_only)
+    return out
