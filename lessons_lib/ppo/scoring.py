@@ -1,0 +1,130 @@
+"""Step 5 of the PPO loop: turn whatever the user passed as `reward_model` into one function
+`(prompts, responses) -> scores`, and add rule rewards on top (the hybrid reward of lesson 08).
+
+`reward_model` may be
+  - a path or tiny-world id of a sequence-classification model with one label,
+  - such a model object (it is scored with the policy's tokenizer and chat template),
+  - an object with a `score(prompts, responses)` method (lessons_lib.reward.RewardModel),
+  - any callable `(prompts, responses) -> scores`,
+  - None, when the scores come from the caller or from `reward_fns` alone.
+`prompts` are the raw instructions and `responses` the decoded response texts (no special tokens).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+
+class SequenceClassifierScorer:
+    """Scores (instruction, response) pairs with a one-label sequence-classification model.
+
+    The text is the chat-formatted exchange (`lessons_lib.data.chat_text`), left-padded so the last column is
+    every row's last real token, where the model reads its score ([N], "the reward is read at the last token").
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, batch_size: int = 32):
+        if getattr(model.config, "num_labels", 1) != 1:
+            raise ValueError(f"reward model: expected a sequence-classification model with 1 label, "
+                             f"got num_labels={model.config.num_labels}")
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = tokenizer.pad_token_id
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        from lessons_lib.data import chat_text
+
+        device = next(self.model.parameters()).device
+        scores = []
+        for start in range(0, len(prompts), self.batch_size):
+            texts = [chat_text(self.tokenizer, p, r) for p, r in
+                     zip(prompts[start:start + self.batch_size], responses[start:start + self.batch_size])]
+            side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+            try:
+                enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            finally:
+                self.tokenizer.padding_side = side
+            mask = enc["attention_mask"].to(device)
+            out = self.model(input_ids=enc["input_ids"].to(device), attention_mask=mask,
+                             position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+            scores.append(out.logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+    score = __call__
+
+
+def load_reward_model(name: str | os.PathLike):
+    """A reward scorer from a folder or tiny-world id (through lessons_lib.reward when it provides a loader)."""
+    try:
+        from lessons_lib.reward import RewardModel
+    except ImportError:
+        RewardModel = None
+    if RewardModel is not None and hasattr(RewardModel, "from_pretrained"):
+        return RewardModel.from_pretrained(str(name))
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = str(name)
+    try:
+        from lessons_lib.tiny import resolve
+
+        path = str(resolve(path) or path)
+    except ImportError:
+        pass
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    return SequenceClassifierScorer(model, AutoTokenizer.from_pretrained(path))
+
+
+def as_reward_fn(reward_model, tokenizer):
+    """Normalise every accepted kind of `reward_model` to a callable (prompts, responses) -> scores, or None."""
+    if reward_model is None:
+        return None
+    if isinstance(reward_model, (str, os.PathLike)):
+        reward_model = load_reward_model(reward_model)
+    if isinstance(reward_model, nn.Module):   # check first: a classifier's `score` attribute is its head layer
+        return SequenceClassifierScorer(reward_model, tokenizer)
+    if callable(getattr(reward_model, "score", None)):
+        return reward_model.score
+    if callable(reward_model):
+        return reward_model
+    raise TypeError(f"reward_model must be a path, a model, an object with .score(prompts, responses), a callable "
+                    f"or None; got {type(reward_model).__name__}")
+
+
+def critic_source(reward_model):
+    """The sequence-classification module inside `reward_model`, to warm-start a separate critic [N+]."""
+    for candidate in (reward_model, getattr(reward_model, "model", None),
+                      getattr(getattr(reward_model, "__self__", None), "model", None)):
+        if isinstance(candidate, nn.Module) and hasattr(candidate, "base_model_prefix"):
+            return candidate
+    raise ValueError("value_model='reward' warm-starts the critic from the reward model, so reward_model must be "
+                     "(or wrap, as .model) a sequence-classification model; got "
+                     f"{type(reward_model).__name__}")
+
+
+def to_scores(values, batch_size: int, what: str) -> torch.Tensor:
+    """One float per response as a (B,) fp32 tensor; a clear error for anything else (e.g. per-token tensors)."""
+    if isinstance(values, torch.Tensor):
+        flat = values.ndim == 1 or (values.ndim == 2 and values.shape[1] == 1)
+        if not flat or values.shape[0] != batch_size:
+            raise ValueError(f"{what}: expected {batch_size} scalar values (shape ({batch_size},)), got a tensor "
+                             f"of shape {tuple(values.shape)}")
+        return values.detach().reshape(-1).float().cpu()
+    values = list(values)
+    if len(values) != batch_size:
+        raise ValueError(f"{what}: expected {batch_size} values (one per response), got {len(values)}")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                raise ValueError(
+                    f"{what}[{i}] is a tensor with {v.numel()} elements; step() needs one scalar reward per "
+                    "response. (Adding a number to a response's token ids, as the article's section 5.1 does, "
+                    "gives a tensor of shifted token ids, not a reward: use reward_fns=[(fn, weight)] instead.)")
+            v = v.item()
+        out.append(float(v))
+    return torch.tensor(out, dtype=torch.float32)

@@ -1,0 +1,444 @@
+"""`PPOTrainer`: the article's stepped PPO loop, made real (lesson 04 dissects it, lesson 08 extends it).
+
+    for epoch, batch in enumerate(trainer.dataloader):
+        responses = trainer.generate(batch["input_ids"], return_prompt=False, generate_kwargs={...})   # step 1-2
+        rewards = trainer.compute_reward(responses=responses, queries=batch["input_ids"])             # step 5
+        stats = trainer.step(queries=batch["input_ids"], responses=responses, rewards=rewards)        # steps 2-9
+
+`step()` runs the numbered steps of DESIGN.md "The PPO loop", one small method each:
+  2 `_prepare`       pad, cut after EOS, EOS-trick penalty          (rollout.truncate_after_eos)
+  3-4 `_score_tokens` policy/reference log-probs, entropy, values     (rollout.policy_forward, no grad, per minibatch)
+  5 `_final_scores`  score normalisation / clipping / EOS penalty
+  6-8 `_advantages`  KL-shaped rewards, reward whitening, GAE, advantage whitening   (core.*)
+  9 `_update`        minibatch epochs with gradient accumulation, clipped losses, diagnostics
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import PPOConfig
+from .core import (AdaptiveKLController, FixedKLController, RunningMoments, compute_gae, compute_rewards,
+                   explained_variance, masked_mean, masked_var, masked_whiten, policy_loss, value_loss)
+from .rollout import (ValueHead, critic_forward, pad_left, pad_right, policy_forward, reference_context,
+                      sample_responses, sampling_kwargs, truncate_after_eos)
+from .sampler import DifficultySampler, PromptLoader
+from .scoring import as_reward_fn, critic_source, to_scores
+
+
+class NonFiniteError(FloatingPointError):
+    """Training met a NaN or inf (reward, loss or gradient) and stopped before applying it."""
+
+
+@dataclass
+class Rollout:
+    """One batch of experience on the training device. Per-token tensors are (B, Tr); queries (B, Tq)."""
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    has_eos: torch.Tensor            # (B,) bool
+    scores: torch.Tensor = None      # (B,) final scores
+    logprobs: torch.Tensor = None
+    ref_logprobs: torch.Tensor = None
+    entropy: torch.Tensor = None
+    values: torch.Tensor = None
+    kl: torch.Tensor = None
+    rewards: torch.Tensor = None
+    advantages: torch.Tensor = None
+    returns: torch.Tensor = None
+
+    def rows(self, idx: torch.Tensor) -> dict:
+        """The tensors of rows `idx`, with padding columns that are padding in every chosen row trimmed."""
+        q_len = int(self.query_mask[idx].sum(1).max())
+        r_len = int(self.response_mask[idx].sum(1).max())
+        out = {"query_ids": self.query_ids[idx, -q_len:], "query_mask": self.query_mask[idx, -q_len:]}
+        for name in ("response_ids", "response_mask", "logprobs", "values", "advantages", "returns"):
+            out[name] = getattr(self, name)[idx, :r_len]
+        return out
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    """p = 0 for every dropout, LoRA's included, and for attention dropout rates stored as floats [N]."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+
+
+def _fix_bnb_cpu_repacking(model: nn.Module) -> None:
+    """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks 4-bit weights on the first no-grad forward, after which
+    training gets wrong gradients or fails (docs/ENVIRONMENT.md). PPO alternates both, so switch the repacking off."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
+class PPOTrainer:
+    """PPO for causal LMs with an explicit loop; see the module docstring and docs/PPO.md."""
+
+    def __init__(self, config: PPOConfig | None = None, model=None, ref_model=None, tokenizer=None, dataset=None,
+                 reward_model=None, reward_fns=(), optimizer=None):
+        if model is None or tokenizer is None:
+            raise ValueError("PPOTrainer needs a model and its tokenizer")
+        self.config = config = config or PPOConfig()
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("PPOTrainer: the tokenizer needs both a pad token and an EOS token")
+        torch.manual_seed(config.seed)
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.device = next(model.parameters()).device
+        self.is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+        if config.disable_dropout:
+            _disable_dropout(model)
+        _fix_bnb_cpu_repacking(model)
+        self.ref_model = self._reference(ref_model)
+        self.reward_model = reward_model
+        self.reward_fn = as_reward_fn(reward_model, tokenizer)
+        self.reward_fns = [(fn, float(w)) for fn, w in reward_fns]
+        self.value_head, self.critic = self._value_function(reward_model)
+        self._params = [p for p in model.parameters() if p.requires_grad] + [
+            p for p in (self.value_head or self.critic).parameters() if p.requires_grad]
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("PPOTrainer: the model has no trainable parameters (attach LoRA adapters or unfreeze it)")
+        self.optimizer = optimizer or self._optimizer()
+        self.kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+                       if config.adaptive_kl else FixedKLController(config.kl_coef))
+        self.score_moments = RunningMoments()
+        self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.current_step = 0
+        self.sampling_temperature = config.temperature
+        self.last_checkpoint, self.current_step_saved = None, None
+        self.last_reward_parts: dict = {}
+        self.last_rollout: Rollout | None = None
+        self._queries: dict[tuple, dict] = {}
+        self._warned: set = set()
+        self.dataloader = None
+        if dataset is not None:
+            sampler = DifficultySampler(len(dataset), config.batch_size, config.seed, config.difficulty_ema,
+                                        config.difficulty_explore)
+            self.dataloader = PromptLoader(dataset, tokenizer, config.batch_size, sampler,
+                                           config.remove_unused_columns, on_batch=self._remember_batch)
+
+    # ------------------------------------------------------------------------------------------ construction
+    def _reference(self, ref_model):
+        if ref_model is None and self.is_peft:
+            return None                       # the policy with its adapters disabled: no second copy in memory
+        ref = ref_model if ref_model is not None else copy.deepcopy(self.model)
+        ref.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    def _value_function(self, reward_model):
+        if self.config.value_model == "head":
+            return ValueHead(self.model.config.hidden_size).to(self.device), None
+        critic = copy.deepcopy(critic_source(reward_model)).to(self.device)
+        if critic.config.vocab_size != self.model.config.vocab_size:
+            raise ValueError("value_model='reward' needs a reward model that shares the policy's tokenizer")
+        for p in critic.parameters():
+            p.requires_grad_(True)
+        _disable_dropout(critic)
+        return None, critic.train()
+
+    def _optimizer(self):
+        from .optim import AdamTFStyle
+
+        cfg = self.config
+        cls = torch.optim.AdamW if cfg.optimizer == "adamw" else AdamTFStyle
+        return cls(self._params, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+
+    def _remember_batch(self, batch: dict) -> None:
+        """Map each prompt's token ids to its instruction and dataset row, for compute_reward and the sampler."""
+        self._queries = {tuple(ids.tolist()): {"query": q, "prompt_id": pid}
+                         for ids, q, pid in zip(batch["input_ids"], batch["query"], batch["prompt_id"])}
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    # ------------------------------------------------------------------------------------------ step 1: generate
+    def generate(self, query_tensor, return_prompt: bool = True, generate_kwargs: dict | None = None,
+                 batch_size: int | None = None, **kwargs):
+        """Sample one response per query (pure sampling at the config temperature unless overridden), cut after EOS.
+
+        `query_tensor`: a 1-D tensor or a list of them. Returns the same structure: response tensors (with the
+        prompt in front when `return_prompt`). `generate_kwargs` and extra keyword arguments go to `model.generate`.
+        """
+        single = isinstance(query_tensor, torch.Tensor) and query_tensor.ndim == 1
+        queries = [query_tensor] if single else [q[q != self.pad_id] if self.pad_id != self.eos_id else q
+                                                 for q in query_tensor]
+        gen = {**(generate_kwargs or {}), **kwargs}
+        self.sampling_temperature = float(gen.get("temperature", self.config.temperature))
+        if self.sampling_temperature != self.config.temperature:
+            self._warn_once("temperature", f"generate: temperature {self.sampling_temperature} differs from "
+                            f"config.temperature {self.config.temperature}; step() will use "
+                            f"{self.sampling_temperature}, the one the responses were sampled with")
+        gen_kwargs = sampling_kwargs(gen, self.config.temperature, self.config.max_new_tokens, self.eos_id, self.pad_id)
+        responses = sample_responses(self.model, [q.cpu() for q in queries], gen_kwargs, batch_size or len(queries),
+                                     self.config.progress)
+        out = [torch.cat([q.cpu(), r]) for q, r in zip(queries, responses)] if return_prompt else responses
+        return out[0] if single else out
+
+    # ------------------------------------------------------------------------------------------ step 5: rewards
+    def prompt_texts(self, queries) -> list[str]:
+        """The instruction behind each query (known for dataloader batches; otherwise the decoded prompt)."""
+        texts = []
+        for q in queries:
+            info = self._queries.get(tuple(q.tolist()))
+            texts.append(info["query"] if info else self.tokenizer.decode(q, skip_special_tokens=True))
+        return texts
+
+    def compute_reward(self, responses, queries, scores=None) -> torch.Tensor:
+        """One score per response, (B,): the reward model's, plus weighted rule rewards (hybrid).
+
+        Given `scores` are returned as they are. Beware: a dataset's `score` column rates the dataset's own
+        answer, not these freshly sampled responses (see docs/PPO.md, "the score trap").
+        """
+        if scores is not None:
+            self._warn_once("scores", "compute_reward(scores=...) uses the given scores as they are; a dataset's "
+                            "score rates the dataset's answer, not the freshly sampled responses")
+            return to_scores(scores, len(responses), "compute_reward(scores=...)")
+        if self.reward_fn is None and not self.reward_fns:
+            raise ValueError("compute_reward: no reward_model, no reward_fns and no scores; nothing to score with")
+        prompts = self.prompt_texts(queries)
+        texts = self.tokenizer.batch_decode([r.cpu() for r in responses], skip_special_tokens=True)
+        total = torch.zeros(len(texts))
+        self.last_reward_parts = {}
+        if self.reward_fn is not None:
+            rm = to_scores(self.reward_fn(prompts, texts), len(texts), "reward model")
+            self.last_reward_parts["reward_model"] = rm
+            total += rm
+        for fn, weight in self.reward_fns:
+            rule = torch.tensor([float(fn(p, r)) for p, r in zip(prompts, texts)])
+            self.last_reward_parts[getattr(fn, "__name__", "rule")] = rule
+            total += weight * rule
+        return total
+
+    # ------------------------------------------------------------------------------------------ steps 2-9
+    def step(self, queries, responses, rewards=None, scores=None) -> dict:
+        """One PPO iteration on a batch of (query, response, reward); returns a flat dict of float stats."""
+        t0 = time.perf_counter()
+        n = self.current_step + 1
+        cfg = self.config
+        if rewards is None and scores is None:
+            raise ValueError("step: pass rewards= (or scores=), one per response")
+        raw = to_scores(rewards if rewards is not None else scores, len(responses), "step(rewards)")
+        if len(queries) != cfg.batch_size:
+            raise ValueError(f"step: got {len(queries)} queries, config.batch_size is {cfg.batch_size}")
+        if not torch.isfinite(raw).all():
+            bad = torch.nonzero(~torch.isfinite(raw)).flatten().tolist()
+            self._stop(n, f"reward(s) of response(s) {bad}: {raw[bad].tolist()}")
+        self._anneal_lr()
+        roll = self._prepare(queries, responses)
+        t1 = time.perf_counter()
+        self._score_tokens(roll)
+        roll.scores = self._final_scores(raw, roll.has_eos)
+        self._advantages(roll)
+        t2 = time.perf_counter()
+        stats = self._update(roll, n)
+        t3 = time.perf_counter()
+        stats.update(self._rollout_stats(roll, raw))
+        self.kl_ctl.update(stats["objective/kl"], cfg.batch_size)
+        self._update_sampler(queries, roll)
+        self.last_rollout = roll
+        self.current_step = n
+        stats.update({"time/ppo/forward": t2 - t1, "time/ppo/optimize": t3 - t2,
+                      "time/ppo/total": time.perf_counter() - t0})
+        if cfg.save_every and n % cfg.save_every == 0:
+            self.save_checkpoint(cfg.checkpoint_dir)
+        if cfg.log_every and n % cfg.log_every == 0:
+            print(self.log_line(stats))
+        return stats
+
+    def _stop(self, n: int, what: str):
+        where = (f"the last good checkpoint is {self.last_checkpoint} (step {self.current_step_saved})"
+                 if self.last_checkpoint else "no checkpoint was saved (set checkpoint_dir and save_every)")
+        raise NonFiniteError(f"step {n}: non-finite {what}. Training stopped before applying it; {where}.")
+
+    def _anneal_lr(self) -> None:
+        if not self.config.anneal_lr:
+            return
+        total = self.config.total_steps or (len(self.dataloader) if self.dataloader else None)
+        if not total:
+            raise ValueError("anneal_lr needs config.total_steps (or a dataset, to default to one pass over it)")
+        frac = max(0.0, 1.0 - self.current_step / total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate * frac
+
+    def _prepare(self, queries, responses) -> Rollout:
+        """Step 2: cut every response after its first EOS, pad queries left and responses right."""
+        cut = [truncate_after_eos(r.cpu(), self.eos_id, self.pad_id) for r in responses]
+        empty = [i for i, (r, _) in enumerate(cut) if len(r) == 0]
+        if empty:
+            raise ValueError(f"step: response(s) {empty} are empty; every response needs at least one token")
+        q_ids, q_mask = pad_left([q.cpu() for q in queries], self.pad_id)            # (B, Tq)
+        r_ids, r_mask = pad_right([r for r, _ in cut], self.pad_id)                  # (B, Tr)
+        has_eos = torch.tensor([e for _, e in cut])
+        d = self.device
+        return Rollout(q_ids.to(d), q_mask.to(d), r_ids.to(d), r_mask.to(d), has_eos.to(d))
+
+    @torch.no_grad()
+    def _score_tokens(self, roll: Rollout) -> None:
+        """Steps 3-4: log-probs under the policy and the reference, entropy, values; one minibatch at a time."""
+        mb, T = self.config.mini_batch_size, self.sampling_temperature
+        parts = defaultdict(list)
+        self.model.eval()
+        for start in range(0, roll.query_ids.shape[0], mb):
+            rows = (roll.query_ids[start:start + mb], roll.query_mask[start:start + mb],
+                    roll.response_ids[start:start + mb], roll.response_mask[start:start + mb])
+            logprobs, entropy, hidden = policy_forward(self.model, *rows, T, with_entropy=True,
+                                                       with_hidden=self.value_head is not None)
+            ref, context = reference_context(self.model, self.ref_model)
+            with context:
+                ref_logprobs = policy_forward(ref, *rows, T)[0]
+            values = self.value_head(hidden) if self.value_head is not None else critic_forward(self.critic, *rows)
+            for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("entropy", entropy),
+                            ("values", values)):
+                parts[name].append(t.float())
+        self.model.train()
+        mask = roll.response_mask.float()
+        for name, chunks in parts.items():
+            setattr(roll, name, torch.cat(chunks) * mask)                           # (B, Tr)
+
+    def _final_scores(self, raw: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
+        """Step 5: optional running normalisation and clipping, then the EOS trick for unfinished responses."""
+        cfg, scores = self.config, raw.to(self.device)
+        if cfg.score_norm:
+            self.score_moments.update(raw)
+            scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-8)
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        if cfg.missing_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        return scores
+
+    def _advantages(self, roll: Rollout) -> None:
+        """Steps 6-8: per-token KL-shaped rewards, optional reward whitening, GAE, advantage whitening."""
+        cfg, mask = self.config, roll.response_mask
+        roll.rewards, roll.kl = compute_rewards(roll.scores, roll.logprobs, roll.ref_logprobs, mask,
+                                                self.kl_ctl.value, cfg.kl_estimator)
+        rewards = masked_whiten(roll.rewards, mask, shift_mean=False) if cfg.whiten_rewards else roll.rewards
+        roll.advantages, roll.returns = compute_gae(rewards, roll.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            roll.advantages = masked_whiten(roll.advantages, mask)
+
+    def _minibatch_loss(self, roll: Rollout, idx: torch.Tensor):
+        cfg, mb = self.config, roll.rows(idx)
+        rows = (mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
+        logprobs, _, hidden = policy_forward(self.model, *rows, self.sampling_temperature,
+                                             with_hidden=self.value_head is not None)
+        values = self.value_head(hidden) if self.value_head is not None else critic_forward(self.critic, *rows)
+        mask = mb["response_mask"]
+        pg_loss, pg = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, cfg.cliprange)
+        vf_loss, vf = value_loss(values, mb["values"], mb["returns"], mask, cfg.cliprange_value)
+        loss = pg_loss + cfg.vf_coef * vf_loss
+        stats = {"ppo/loss/policy": pg_loss.detach(), "ppo/loss/value": vf_loss.detach(), "ppo/loss/total": loss.detach(),
+                 "ppo/policy/approxkl": pg["approxkl"], "ppo/policy/clipfrac": pg["clipfrac"],
+                 "ppo/policy/ratio": pg["ratio"], "ppo/val/clipfrac": vf["clipfrac"], "ppo/val/error": vf["error"]}
+        return loss, stats
+
+    def _update(self, roll: Rollout, n: int) -> dict:
+        """Step 9: `ppo_epochs` passes in random order; `gradient_accumulation_steps` minibatches per optimizer step."""
+        from tqdm.auto import tqdm
+
+        cfg, B = self.config, roll.query_ids.shape[0]
+        collected = defaultdict(list)
+        bar = tqdm(total=cfg.ppo_epochs * cfg.num_mini_batches, desc=f"ppo step {n}", unit="mb", leave=False,
+                   disable=not cfg.progress)
+        self.model.train()
+        with bar:
+            for epoch in range(cfg.ppo_epochs):
+                order = torch.randperm(B, generator=self.shuffle_generator).to(self.device)
+                for start in range(0, B, cfg.backward_batch_size):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    for mb_start in range(start, start + cfg.backward_batch_size, cfg.mini_batch_size):
+                        loss, stats = self._minibatch_loss(roll, order[mb_start:mb_start + cfg.mini_batch_size])
+                        if not torch.isfinite(loss):
+                            self._stop(n, f"loss in PPO epoch {epoch + 1}, minibatch {mb_start // cfg.mini_batch_size + 1}"
+                                       f" ({', '.join(f'{k}={float(v):.4g}' for k, v in stats.items() if 'loss' in k)})")
+                        (loss / cfg.gradient_accumulation_steps).backward()
+                        for key, value in stats.items():
+                            collected[key].append(value)
+                        bar.update(1)
+                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+                    if not torch.isfinite(grad_norm):
+                        self._stop(n, f"gradient norm ({float(grad_norm)}) in PPO epoch {epoch + 1}")
+                    self.optimizer.step()
+                    collected["ppo/grad_norm"].append(grad_norm.detach())
+        out = {key: float(torch.stack(values).float().mean()) for key, values in collected.items()}
+        out["ppo/learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
+        return out
+
+    # ------------------------------------------------------------------------------------------ after a step
+    @torch.no_grad()
+    def _rollout_stats(self, roll: Rollout, raw: torch.Tensor) -> dict:
+        mask = roll.response_mask.float()
+        lengths = mask.sum(1)
+        kl_seq = roll.kl.sum(1)
+        entropy_seq = roll.entropy.sum(1)
+        non_score = (-self.kl_ctl.value * roll.kl).sum(1)
+        stats = {
+            "objective/kl": kl_seq.mean(), "objective/kl_coef": self.kl_ctl.value,
+            "objective/entropy": entropy_seq.mean(), "objective/entropy_per_token": masked_mean(roll.entropy, mask),
+            "objective/scores": roll.scores.mean(), "objective/raw_scores": raw.mean(),
+            "objective/non_score_reward": non_score.mean(), "objective/rlhf_reward": (roll.scores + non_score).mean(),
+            "ppo/returns/mean": masked_mean(roll.returns, mask), "ppo/returns/var": masked_var(roll.returns, mask, False),
+            "ppo/val/mean": masked_mean(roll.values, mask), "ppo/val/var": masked_var(roll.values, mask, False),
+            "ppo/val/explained_variance": explained_variance(roll.values, roll.returns, mask),
+            "ppo/advantages/mean": masked_mean(roll.advantages, mask),
+            "env/response_length": lengths.mean(), "env/eos_rate": roll.has_eos.float().mean(),
+        }
+        for name, part in self.last_reward_parts.items():
+            stats[f"env/reward/{name}"] = part.float().mean()
+        return {k: float(v) for k, v in stats.items()}
+
+    def _update_sampler(self, queries, roll: Rollout) -> None:
+        if self.dataloader is None:
+            return
+        mask = roll.response_mask.float()
+        entropy = (roll.entropy * mask).sum(1) / mask.sum(1)
+        ids, rewards, entropies = [], [], []
+        for i, q in enumerate(queries):
+            info = self._queries.get(tuple(q.tolist()))
+            if info is not None:
+                ids.append(info["prompt_id"])
+                rewards.append(float(roll.scores[i]))
+                entropies.append(float(entropy[i]))
+        self.dataloader.sampler.update(ids, rewards, entropies)
+
+    @staticmethod
+    def log_line(stats: dict) -> str:
+        """The one-line progress summary of a step's stats."""
+        return (f"score {stats['objective/scores']:+.3f} | kl {stats['objective/kl']:.3f} | "
+                f"beta {stats['objective/kl_coef']:.3f} | entropy/token {stats['objective/entropy_per_token']:.3f} | "
+                f"clipfrac {stats['ppo/policy/clipfrac']:.3f} | vf loss {stats['ppo/loss/value']:.3f} | "
+                f"{stats['time/ppo/total']:.2f} s")
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, directory) -> str:
+        """Save everything needed to continue exactly (see lessons_lib.ppo.checkpoint); returns the folder."""
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(self, directory)
+
+    @classmethod
+    def from_checkpoint(cls, directory, model, tokenizer, dataset=None, reward_model=None, ref_model=None,
+                        reward_fns=(), **config_overrides) -> "PPOTrainer":
+        """Rebuild a trainer from `save_checkpoint`'s folder around a freshly loaded base `model`."""
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(cls, directory, model, tokenizer, dataset=dataset, reward_model=reward_model,
+                               ref_model=ref_model, reward_fns=reward_fns, **config_overrides)
