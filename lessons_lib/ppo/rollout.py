@@ -24,13 +24,23 @@ _DISTORTING = {"top_k": 0, "top_p": 1.0, "min_p": None, "typical_p": 1.0, "repet
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-prob (and entropy) of softmax(logits / temperature): (B, T, V), (B, T) -> (B, T), (B, T).
+    """Per-token log-prob (and entropy) of softmax(logits / temperature): (B, T, V), (B, T) -> (B, T), (B, T), fp32.
 
-    The one place to swap in the fused kernel (`lessons_lib.kernels.selective_log_softmax`, issue 8).
+    The one place where PPO reduces logits. On a GPU it runs the fused Triton kernel
+    (`lessons_lib.kernels.selective_log_softmax` / `logprobs_and_entropy`: no (B, T, V) fp32 temporary);
+    on a CPU the torch path (the Triton interpreter is for reading kernels, far too slow to train with).
+    The entropy is a statistic only: it carries no gradient.
     """
-    logprobs = logprobs_from_logits(logits, tokens, temperature)
-    entropy = entropy_from_logits(logits.detach(), temperature) if with_entropy else None
-    return logprobs, entropy
+    if not logits.is_cuda:
+        logprobs = logprobs_from_logits(logits, tokens, temperature)
+        entropy = entropy_from_logits(logits.detach(), temperature) if with_entropy else None
+        return logprobs, entropy
+    from lessons_lib.kernels import logprobs_and_entropy, selective_log_softmax
+
+    if with_entropy:
+        logprobs, entropy = logprobs_and_entropy(logits, tokens, temperature)
+        return logprobs, entropy.detach()
+    return selective_log_softmax(logits, tokens, temperature), None
 
 
 # --------------------------------------------------------------------------------------------- padding
