@@ -1,0 +1,322 @@
+"""Merging, safe folder writes, output checks, and the adapter / merged-16-bit exports (lesson 06).
+
+Merging is the one piece of math here: for every LoRA layer, W' = W + (alpha / r) * B @ A, where W is the base
+weight -- dequantized first when the base was loaded in 4-bit (NF4), so the merged model carries the weights the
+adapter model really computed with. `merged_state_dict` does it once; the 16-bit folder and the GGUF both use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# A short chat the forward checks run; it exercises the chat template's special tokens and plain text.
+PROBE_MESSAGES = [{"role": "user", "content": "Name three fruits, one per line."}]
+
+
+class ExportVerificationError(RuntimeError):
+    """An export whose reloaded outputs or tensors differ from the model it was made from (nothing was written)."""
+
+
+# --------------------------------------------------------------------------------------------- writing safely
+
+
+@contextlib.contextmanager
+def staged_folder(target, overwrite: bool = False):
+    """Yield an empty temporary folder next to `target`; on success it replaces `target`, on error it vanishes.
+
+    Refuses a non-empty `target` unless overwrite=True. The old target is removed only after the new one is
+    complete, so an exception (or Ctrl-C) at any point leaves either the old folder or nothing -- never a half.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file; expected a folder path (or a path that does not exist yet)")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} is not empty; pass overwrite=True to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(old / target.name)
+        try:
+            staging.rename(target)
+        except BaseException:
+            if old is not None:
+                (old / target.name).rename(target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def folder_size(path) -> int:
+    """Bytes on disk under `path` (a file or a folder)."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------------------------- merging
+
+
+def dequantize_weight(layer) -> torch.Tensor:
+    """The weight a linear layer computes with, as a float32 tensor (out, in); 4-bit NF4/FP4 is dequantized."""
+    weight = layer.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        if weight.dtype in (torch.int8, torch.uint8):
+            raise NotImplementedError(f"{type(layer).__name__}: 8-bit weights cannot be merged here; "
+                                      "load the base in 4-bit or 16-bit")
+        return weight.detach().float()
+    import bitsandbytes.functional as bnbf
+
+    data = weight.data
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacked this weight for AVX512 CPU inference; undo that on copies (as its own
+        # state_dict saving does) so the codes and scales are the standard layout again
+        data, quant_state = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(quant_state))
+    return bnbf.dequantize_4bit(data, quant_state).float()
+
+
+def _lora_layer_state(name: str, module) -> dict:
+    """weight (and bias) of one LoRA-wrapped linear layer with its active adapters added: W + scaling * B @ A."""
+    if getattr(module, "merged", False):
+        raise ValueError(f"{name}: the adapter is already merged into the 4-bit/16-bit base layer in place; "
+                         "call model.unmerge_adapter() first so the merge is done once, in float32")
+    base = module.base_layer
+    if not isinstance(base, torch.nn.Linear) and getattr(base, "quant_state", None) is None \
+            and getattr(getattr(base, "weight", None), "quant_state", None) is None:
+        raise NotImplementedError(f"{name}: LoRA on {type(base).__name__} layers is not supported by this export")
+    weight = dequantize_weight(base)                                          # (out, in)
+    bias = None if base.bias is None else base.bias.detach().float().clone()  # (out,)
+    if not module.disable_adapters:
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            if module.use_dora.get(adapter, False):
+                raise NotImplementedError(f"{name}: DoRA adapters are not supported by this export")
+            A = module.lora_A[adapter].weight.detach().float()               # (r, in)
+            B = module.lora_B[adapter].weight.detach().float()               # (out, r)
+            delta = module.scaling[adapter] * (B @ A)                        # (out, in)
+            weight = weight + (delta.T if module.fan_in_fan_out else delta)
+            if module.lora_B[adapter].bias is not None:
+                lora_bias = module.scaling[adapter] * module.lora_B[adapter].bias.detach().float()
+                bias = lora_bias if bias is None else bias + lora_bias
+    state = {f"{name}.weight": weight}
+    if bias is not None:
+        state[f"{name}.bias"] = bias
+    return state
+
+
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """float32 weights of `model` under the plain transformers names, LoRA merged and 4-bit dequantized.
+
+    Works for a PeftModel (LoRA, on a 16-bit or a bitsandbytes 4-bit base) and for a plain model.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    state, done = {}, []
+    for name, module in base.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in done):
+            continue  # inside a layer handled as a whole
+        if isinstance(module, LoraLayer):
+            state.update(_lora_layer_state(name, module))
+            done.append(name)
+        elif isinstance(module, ModulesToSaveWrapper):
+            inner = module.modules_to_save[module.active_adapters[0]] if not module.disable_adapters \
+                else module.original_module
+            state.update({f"{name}.{k}": v.detach().float() for k, v in inner.state_dict().items()})
+            done.append(name)
+        elif getattr(getattr(module, "weight", None), "quant_state", None) is not None:  # 4-bit, no LoRA
+            state[f"{name}.weight"] = dequantize_weight(module)
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias.detach().float()
+            done.append(name)
+        else:
+            prefix = f"{name}." if name else ""
+            persistent = {k: v for k, v in module._buffers.items()
+                          if v is not None and k not in module._non_persistent_buffers_set}
+            for key, value in {**module._parameters, **persistent}.items():
+                if value is not None:
+                    state[prefix + key] = value.detach().float()
+    return state
+
+
+def _base_of(model):
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def merged_model(model, dtype=torch.float32):
+    """A fresh transformers model (no peft, no bitsandbytes) holding `merged_state_dict(model)` in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(_base_of(model).config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the merged weights are plain tensors; a stale entry breaks reloading
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = merged_state_dict(model)
+    missing, unexpected = plain.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    missing = [k for k in missing if k not in _tied_keys(plain)]
+    if missing or unexpected:
+        raise ExportVerificationError(f"merged weights do not fit {type(plain).__name__}: "
+                                      f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return plain.eval()
+
+
+def _tied_keys(model) -> set:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied) if not isinstance(tied, dict) else set(tied)
+
+
+# --------------------------------------------------------------------------------------------- checking
+
+
+# Largest accepted max|logit difference| / max|logit|, by the dtype the exported weights are stored in: a
+# float32 merge only reorders sums; 16-bit storage rounds every weight (fp16: 11 bits, bf16: 8 bits of mantissa).
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2, "q8_0": 8e-2}
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and what its checks measured."""
+
+    kind: str
+    path: Path
+    size_bytes: int
+    checks: dict
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.checks.items())
+        return f"ExportResult({self.kind}: {self.path}, {self.size_bytes / 2**20:.2f} MiB, {shown})"
+
+
+def probe_ids(tokenizer) -> torch.Tensor:
+    """Token ids (1, T) of a short chat prompt plus a few answer words: the input every forward check uses."""
+    from lessons_lib.data import chat_prompt
+
+    text = chat_prompt(tokenizer, PROBE_MESSAGES[0]["content"]) + "apple\nbanana"
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+@torch.no_grad()
+def compare_outputs(reference, candidate, input_ids, max_new_tokens: int = 8) -> dict:
+    """Logits of both models on `input_ids` (float32), and their greedy continuations.
+
+    Returns max_abs_diff, rel_diff (max_abs_diff / max|reference logit|), argmax_agreement (fraction of
+    positions whose most likely next token agrees) and same_greedy_tokens.
+    """
+    _disable_bnb_cpu_repacking(reference)
+    modes = [(m, m.training) for m in (reference, candidate)]
+    try:
+        for m, _ in modes:
+            m.eval()
+        ref = reference(input_ids=input_ids.to(_device(reference))).logits.float().cpu()   # (1, T, V)
+        got = candidate(input_ids=input_ids.to(_device(candidate))).logits.float().cpu()   # (1, T, V)
+        if ref.shape != got.shape:
+            raise ExportVerificationError(f"logits shapes differ: {tuple(ref.shape)} vs {tuple(got.shape)}")
+        diff = (ref - got).abs().max().item()
+        gen = [m.generate(input_ids=input_ids.to(_device(m)), attention_mask=torch.ones_like(input_ids).to(_device(m)),
+                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)[0, input_ids.shape[1]:].cpu()
+               for m in (reference, candidate)]
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+    return {"max_abs_diff": diff, "rel_diff": diff / max(ref.abs().max().item(), 1e-12),
+            "argmax_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
+            "same_greedy_tokens": bool(torch.equal(gen[0], gen[1]))}
+
+
+def _check(checks: dict, tolerance: float, what: str) -> None:
+    if not checks["rel_diff"] <= tolerance:
+        raise ExportVerificationError(f"{what}: reloaded logits differ from the source model by "
+                                      f"{checks['rel_diff']:.3g} of the logit scale (tolerance {tolerance:g}); "
+                                      "nothing was written")
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _disable_bnb_cpu_repacking(model) -> None:
+    """bitsandbytes 0.50 repacks 4-bit CPU weights on the first no-grad forward, which breaks training afterwards
+    (see docs/ENVIRONMENT.md); the checks below run such a forward, so switch the repacking off first."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _reload(path, dtype=torch.float32, gguf_file: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+
+
+# --------------------------------------------------------------------------------------------- adapter, merged
+
+
+def save_adapter(model, tokenizer, out_dir, overwrite: bool = False) -> ExportResult:
+    """Save only the LoRA weights (+ adapter_config.json) and the tokenizer; checks every saved tensor."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"save_adapter needs a PeftModel (a model with LoRA adapters), got {type(model).__name__}; "
+                        "use save_merged for a model without adapters")
+    with staged_folder(out_dir, overwrite) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        saved = load_file(staging / "adapter_model.safetensors")
+        expected = get_peft_model_state_dict(model)  # exactly what peft means to save
+        if set(saved) != set(expected):
+            raise ExportVerificationError(f"adapter file tensors {sorted(set(saved) ^ set(expected))[:4]} "
+                                          "differ from the model's adapter tensors")
+        worst = max((saved[k].float() - expected[k].detach().cpu().float()).abs().max().item() for k in saved)
+        if worst != 0.0:
+            raise ExportVerificationError(f"adapter tensors changed on the way to disk (max diff {worst:.3g})")
+        checks = {"tensors": len(saved), "max_abs_diff": worst}
+    return ExportResult("adapter", Path(out_dir), folder_size(out_dir), checks)
+
+
+def save_merged(model, tokenizer, out_dir, dtype=None, overwrite: bool = False, verify: bool = True) -> ExportResult:
+    """Merge LoRA into the base (4-bit bases dequantized) and save a standard 16-bit transformers folder.
+
+    dtype: torch.float16 / torch.bfloat16 / torch.float32; None picks bf16 when the model computes in bf16, else
+    fp16. With verify=True the saved folder is reloaded and its logits compared with `model`'s (tolerance by
+    dtype, `TOLERANCE`); a failure raises ExportVerificationError and leaves nothing on disk.
+    """
+    if dtype is None:
+        dtype = torch.bfloat16 if _compute_dtype(model) == torch.bfloat16 else torch.float16
+    plain = merged_model(model, dtype)
+    with staged_folder(out_dir, overwrite) as staging:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        checks = {"dtype": str(dtype).replace("torch.", "")}
+        if verify:
+            reloaded = _reload(staging, dtype=torch.float32)
+            checks.update(compare_outputs(model, reloaded, probe_ids(tokenizer)))
+            _check(checks, TOLERANCE[dtype], f"merged {checks['dtype']} export")
+    return ExportResult("merged", Path(out_dir), folder_size(out_dir), checks)
+
+
+def _compute_dtype(model) -> torch.dtype:
+    for module in model.modules():
+        compute = getattr(module, "compute_dtype", None)
+        if isinstance(compute, torch.dtype):
+            return compute
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
