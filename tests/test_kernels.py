@@ -1,0 +1,345 @@
+"""Every kernel through impl="triton" against its torch reference: outputs and every gradient, odd shapes, 3 dtypes.
+
+On a machine without a GPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1), on CPU
+tensors and small odd shapes. On a GPU the same tests run on CUDA tensors; the tests marked `cuda` add the
+Qwen2-1.5B shapes and the memory budget of the log-prob kernel.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from lessons_lib.kernels import (
+    INTERPRETED, apply_rope, logprobs_and_entropy, nf4_dequantize, rms_norm, selective_log_softmax, swiglu,
+)
+from lessons_lib.kernels.logprobs import LogprobsEntropyFunction
+from lessons_lib.kernels._common import use_triton
+from lessons_lib.nf4 import dequantize_nf4, quantize_nf4
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not INTERPRETED:
+    pytest.skip("no GPU and the kernels were not defined under TRITON_INTERPRET=1", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# How far the Triton result may be from the truth (the torch reference in float64 on the same inputs): the dtype's
+# tolerance, plus twice the error of the torch reference run in the same dtype (a sum over many rows in fp16 is
+# only as exact as fp16 allows; the kernel must be about as good as eager PyTorch, and it is usually better: it
+# computes in fp32 and rounds once, where torch rounds after every op). In the interpreter the fp32 -> bf16 cast
+# truncates instead of rounding to nearest: up to one bf16 ulp, inside the bf16 tolerance.
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def assert_close(name, actual, expected, dtype, extra_atol=0.0):
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype}, reference {expected.dtype}"
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)}, reference {tuple(expected.shape)}"
+    tol = dict(TOL[dtype], atol=TOL[dtype]["atol"] + extra_atol)
+    torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{name}: {m}")
+
+
+def run(fn, inputs, grads_out, impl, dtype=None, **kwargs):
+    """fn(*inputs, impl=impl) on fresh leaf copies (cast to `dtype` if given): (outputs, input grads)."""
+    def cast(x):
+        return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+
+    leaves = [cast(x.detach()).clone().requires_grad_(x.requires_grad) for x in inputs]
+    outs = fn(*leaves, impl=impl, **kwargs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(list(outs), [cast(g) for g in grads_out])
+    return [o.detach() for o in outs], [x.grad for x in leaves if x.requires_grad]
+
+
+def check_against_reference(name, fn, inputs, grads_out, dtype, output_tol=None, **kwargs):
+    """Triton vs the float64 truth, every output and every input gradient, with the tolerance described at TOL.
+
+    `dtype` picks the tolerance; `output_tol` another one for the outputs (fp32 log-probs of bf16 logits)."""
+    tri_outs, tri_grads = run(fn, inputs, grads_out, "triton", **kwargs)
+    ref_outs, ref_grads = run(fn, inputs, grads_out, "torch", **kwargs)
+    true_outs, true_grads = run(fn, inputs, grads_out, "torch", dtype=torch.float64, **kwargs)
+    assert len(tri_grads) == len(ref_grads) == len(true_grads)
+    pairs = [(f"output {i}", t, r, x, output_tol or dtype) for i, (t, r, x) in enumerate(zip(tri_outs, ref_outs,
+                                                                                               true_outs))]
+    pairs += [(f"grad {i}", t, r, x, dtype) for i, (t, r, x) in enumerate(zip(tri_grads, ref_grads, true_grads))]
+    for what, tri, ref, truth, tol_dtype in pairs:
+        assert tri is not None, f"{name}: no gradient for input {what}"
+        assert tri.dtype == ref.dtype, f"{name} {what}: dtype {tri.dtype}, torch gives {ref.dtype}"
+        ref_err = (ref.double() - truth.double()).abs().max().item() if ref.numel() else 0.0
+        assert_close(f"{name} {what}", tri.double(), truth.double(), tol_dtype, extra_atol=2 * ref_err)
+    return tri_outs, tri_grads
+
+
+# ------------------------------------------------------------------------------------------------ RMSNorm
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37, 133), (5, 123, 123), (2, 1000)], ids=str)
+def test_rms_norm(shape, dtype):
+    x = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_()
+    w = (1 + 0.5 * torch.randn(shape[-1], device=DEVICE)).to(dtype).requires_grad_()
+    dy = torch.randn(shape, device=DEVICE).to(dtype)
+    check_against_reference("rms_norm", rms_norm, [x, w], [dy], dtype, eps=1e-5)
+
+
+def test_rms_norm_mixed_dtypes_and_strided_rows():
+    """bf16 activations with an fp32 weight give fp32 (transformers' promotion); rows may be strided views."""
+    x = torch.randn(4, 8, 77 + 5, device=DEVICE).to(torch.bfloat16)[..., :77].requires_grad_()  # row stride 82
+    w = torch.randn(77, device=DEVICE).requires_grad_()
+    dy = torch.randn(4, 8, 77, device=DEVICE)
+    outs, grads = check_against_reference("rms_norm", rms_norm, [x, w], [dy], torch.bfloat16, eps=1e-6)
+    assert outs[0].dtype == torch.float32 and grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------------ RoPE
+
+def rope_inputs(B, nh, nkv, T, hs, dtype, transposed=True, cos_batch=None):
+    def heads(n):  # attention makes (B, T, n, hs) -> (B, n, T, hs) transposed views
+        if transposed:
+            return torch.randn(B, T, n, hs, device=DEVICE).to(dtype).transpose(1, 2)
+        return torch.randn(B, n, T, hs, device=DEVICE).to(dtype)
+
+    angles = torch.randn(cos_batch or B, T, hs, device=DEVICE) * 3  # halves differ: the general formula is tested
+    return heads(nh).requires_grad_(), heads(nkv).requires_grad_(), angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B, nh, nkv, T, hs", [(2, 6, 2, 7, 10), (1, 3, 3, 5, 64), (3, 5, 1, 9, 6), (1, 1, 1, 1, 2)])
+def test_rope(B, nh, nkv, T, hs, dtype):
+    q, k, cos, sin = rope_inputs(B, nh, nkv, T, hs, dtype)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    check_against_reference("rope", apply_rope, [q, k, cos, sin], [dq, dk], dtype)
+
+
+@pytest.mark.parametrize("transposed", [True, False], ids=["transposed", "contiguous"])
+def test_rope_layouts_and_broadcast_positions(transposed):
+    """Contiguous and transposed q/k; cos/sin with batch 1 broadcast over B; outputs keep the input layout."""
+    q, k, cos, sin = rope_inputs(3, 4, 2, 11, 16, torch.float32, transposed=transposed, cos_batch=1)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    outs, _ = check_against_reference("rope", apply_rope, [q, k, cos, sin], [dq, dk], torch.float32)
+    assert outs[0].stride() == q.stride() and outs[1].stride() == k.stride()
+
+
+def test_rope_rejects_bad_inputs():
+    q, k, cos, sin = rope_inputs(1, 2, 2, 3, 5, torch.float32)
+    with pytest.raises(ValueError, match="even"):
+        apply_rope(q, k, cos, sin, impl="triton")
+    q, k, cos, sin = rope_inputs(1, 2, 2, 3, 8, torch.float32)
+    with pytest.raises(ValueError, match="cos/sin"):
+        apply_rope(q, k, cos.requires_grad_(), sin, impl="triton")
+    with pytest.raises(ValueError, match="shapes disagree"):
+        apply_rope(q, k[:, :, :2], cos, sin, impl="triton")
+
+
+# ------------------------------------------------------------------------------------------------ SwiGLU
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1,), (3, 37, 133), (5, 123, 123), (1001,)], ids=str)
+def test_swiglu(shape, dtype):
+    gate = (torch.randn(shape, device=DEVICE) * 3).to(dtype).requires_grad_()
+    up = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_()
+    dy = torch.randn(shape, device=DEVICE).to(dtype)
+    check_against_reference("swiglu", swiglu, [gate, up], [dy], dtype)
+
+
+# ------------------------------------------------------------------------------------------------ log-probs
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B, T, V, temperature", [(2, 7, 1001, 0.7), (1, 3, 5, 1.0), (2, 3, 20011, 1.3)])
+def test_logprobs_and_entropy(B, T, V, temperature, dtype):
+    """V = 20011 spans several vocabulary blocks, so the online max/sum rescaling is exercised."""
+    logits = (torch.randn(B, T, V, device=DEVICE) * 4).to(dtype).requires_grad_()
+    index = torch.randint(0, V, (B, T), device=DEVICE)
+    dlogprobs, dentropy = torch.randn(B, T, device=DEVICE), torch.randn(B, T, device=DEVICE)
+    outs, _ = check_against_reference("logprobs_and_entropy", logprobs_and_entropy, [logits, index],
+                                      [dlogprobs, dentropy], dtype, output_tol=torch.float32,
+                                      temperature=temperature)
+    assert outs[0].dtype == outs[1].dtype == torch.float32  # whatever the logits' dtype
+
+
+def test_selective_log_softmax_2d_sliced_int32_and_logprob_grad_only():
+    """(N, V) input; PPO-style slice of (B, T, V) logits (strided rows, not copied); int32 ids."""
+    full = (torch.randn(3, 9, 301, device=DEVICE) * 2).requires_grad_()
+    index = torch.randint(0, 301, (3, 6), device=DEVICE, dtype=torch.int32)
+    lp = selective_log_softmax(full[:, 2:-1], index, impl="triton")
+    lp.backward(torch.ones_like(lp))
+    grad, full.grad = full.grad, None
+    ref = selective_log_softmax(full[:, 2:-1], index.long(), impl="torch")
+    ref.backward(torch.ones_like(ref))
+    assert_close("logprobs", lp, ref, torch.float32)
+    assert_close("dlogits", grad, full.grad, torch.float32)
+
+    flat = torch.randn(13, 77, device=DEVICE)
+    idx = torch.randint(0, 77, (13,), device=DEVICE)
+    assert_close("2-D logprobs", selective_log_softmax(flat, idx, impl="triton"),
+                 selective_log_softmax(flat, idx, impl="torch"), torch.float32)
+
+
+def test_logprobs_with_masked_vocabulary():
+    """-inf logits (a masked vocabulary) give exact zeros of probability, finite entropy, and no NaN."""
+    logits = torch.randn(2, 5, 300, device=DEVICE)
+    logits[..., 150:] = float("-inf")
+    index = torch.randint(0, 150, (2, 5), device=DEVICE)
+    lp, ent = logprobs_and_entropy(logits, index, impl="triton")
+    p = torch.softmax(logits, -1)
+    assert_close("logprobs", lp, torch.log_softmax(logits, -1).gather(-1, index[..., None])[..., 0], torch.float32)
+    assert_close("entropy", ent, torch.special.entr(p).sum(-1), torch.float32)
+
+
+def test_logprobs_inplace_backward():
+    """The gradient lands in the logits' storage; a later use of the overwritten logits raises."""
+    V = 257
+    base = torch.randn(4, 6, V, device=DEVICE, requires_grad=True)
+    index = torch.randint(0, V, (4, 6), device=DEVICE)
+    expected_lp, expected_ent = logprobs_and_entropy(base, index, impl="torch")
+    (expected_lp.sum() + 0.5 * expected_ent.sum()).backward()
+    expected, base.grad = base.grad.clone(), None
+
+    logits = base * 1.0  # a non-leaf, like lm_head's output
+    lp, ent = logprobs_and_entropy(logits, index, impl="triton", inplace_backward=True)
+    (lp.sum() + 0.5 * ent.sum()).backward()
+    assert_close("dlogits", base.grad, expected, torch.float32)
+    assert torch.equal(logits.detach(), base.grad), "the gradient should have been written into the logits"
+
+    logits = base * 1.0
+    other = (logits * logits).sum()  # saves the logits for its backward, which runs after ours
+    lp = selective_log_softmax(logits, index, impl="triton", inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (lp.sum() + other).backward()
+
+
+def test_logprobs_saves_no_vocabulary_sized_fp32():
+    """Memory discipline, checked on any device: besides the input logits, autograd keeps O(B*T) numbers."""
+    B, T, V = 3, 4, 5003
+    logits = torch.randn(B, T, V, device=DEVICE, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logprobs_and_entropy(logits, torch.randint(0, V, (B, T), device=DEVICE), impl="triton")
+    others = [t for t in saved if t.data_ptr() != logits.data_ptr()]
+    assert sum(t.numel() for t in others) <= 4 * B * T, [tuple(t.shape) for t in others]
+
+
+def test_logprobs_rejects_bad_inputs():
+    logits = torch.randn(2, 3, 10, device=DEVICE)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        selective_log_softmax(logits, torch.full((2, 3), 10, device=DEVICE), impl="triton")
+    with pytest.raises(ValueError, match="index must have shape"):
+        selective_log_softmax(logits, torch.zeros(2, 4, dtype=torch.long, device=DEVICE), impl="triton")
+    with pytest.raises(ValueError, match="temperature"):
+        selective_log_softmax(logits, torch.zeros(2, 3, dtype=torch.long, device=DEVICE), temperature=0.0)
+
+
+# ------------------------------------------------------------------------------------------------ NF4
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double_quant"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, blocksize", [((1,), 64), ((3,), 32), ((37, 1001), 64), ((5, 123, 123), 128),
+                                              ((300, 40), 256)], ids=str)
+def test_nf4_dequantize_equals_reference(shape, blocksize, dtype, double_quant):
+    w = (torch.randn(shape) * 0.02).to(dtype)
+    packed, state = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+    packed, state = packed.to(DEVICE), state.to(DEVICE)
+    out = nf4_dequantize(packed, state, impl="triton")
+    ref = dequantize_nf4(packed, state)
+    assert out.dtype == dtype and out.shape == torch.Size(shape)
+    assert torch.equal(out, ref), f"max diff {(out.float() - ref.float()).abs().max().item():.3g}"
+
+
+def test_nf4_dequantize_reads_a_bitsandbytes_quant_state():
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    # rows of whole blocks: bitsandbytes 0.50.2's CPU dequantization is wrong otherwise (see tests/test_nf4.py)
+    w = torch.randn(48, 192, dtype=torch.bfloat16, device=DEVICE)
+    packed, quant_state = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    out = nf4_dequantize(packed, quant_state, impl="triton")
+    assert torch.equal(out, bnb_f.dequantize_4bit(packed, quant_state))
+
+
+# ------------------------------------------------------------------------------------------------ impl switch
+
+def test_impl_switch(monkeypatch):
+    x = torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        rms_norm(x, torch.ones(8, device=DEVICE), impl="cuda")
+    assert use_triton("auto", x, op="t") is True  # a GPU, or the interpreter (else this module was skipped)
+    assert use_triton("torch", x, op="t") is False
+    calls = []
+    original = LogprobsEntropyFunction.apply
+    monkeypatch.setattr(LogprobsEntropyFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    selective_log_softmax(x, torch.zeros(3, dtype=torch.long, device=DEVICE), impl="auto")
+    selective_log_softmax(x, torch.zeros(3, dtype=torch.long, device=DEVICE), impl="torch")
+    assert calls == [1]
+
+
+# ------------------------------------------------------------------------------------------------ GPU, real shapes
+
+QWEN2_1P5B = dict(hidden=1536, intermediate=8960, nh=12, nkv=2, hs=128, vocab=151936)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [4096, 32768])
+def test_cuda_qwen2_shapes_rms_norm_swiglu(rows):
+    dtype = torch.bfloat16
+    x = torch.randn(rows, QWEN2_1P5B["hidden"], device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(QWEN2_1P5B["hidden"], device="cuda", dtype=dtype, requires_grad=True)
+    check_against_reference("rms_norm", rms_norm, [x, w], [torch.randn_like(x)], dtype)
+    g = torch.randn(rows // 4, QWEN2_1P5B["intermediate"], device="cuda", dtype=dtype, requires_grad=True)
+    u = torch.randn_like(g, requires_grad=True)
+    check_against_reference("swiglu", swiglu, [g, u], [torch.randn_like(g)], dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_qwen2_shapes_rope():
+    q, k, cos, sin = rope_inputs(8, QWEN2_1P5B["nh"], QWEN2_1P5B["nkv"], 4096, QWEN2_1P5B["hs"], torch.bfloat16)
+    check_against_reference("rope", apply_rope, [q, k, cos, sin], [torch.randn_like(q), torch.randn_like(k)],
+                            torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_cuda_logprobs_qwen2_vocab_and_memory():
+    """V = 151,936, 1,024 rows: values, gradient, and the memory the op adds (forward; forward + in-place
+    backward) <= 1/8 of `log_softmax(logits.float()).gather()`'s (4,096 rows: kernels/results/logprobs.md)."""
+    rows, V = 1024, QWEN2_1P5B["vocab"]
+    logits = (torch.randn(rows, V, device="cuda") * 3).to(torch.bfloat16).requires_grad_()
+    index = torch.randint(0, V, (rows,), device="cuda")
+    g = torch.randn(rows, device="cuda")
+    check_against_reference("logprobs_and_entropy", logprobs_and_entropy, [logits, index], [g, g], torch.bfloat16,
+                            output_tol=torch.float32)
+
+    # Memory, as in a model: logits = hidden @ lm_head.T already exist; measure what the op adds on top of them.
+    hidden = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    lm_head = torch.randn(V, 256, device="cuda", dtype=torch.bfloat16)
+
+    def peak_extra(op, backward):
+        logits = hidden @ lm_head.T  # (rows, V) bf16, part of the graph
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        lp = op(logits)
+        if backward:
+            lp.backward(g)
+        torch.cuda.synchronize()
+        hidden.grad = None
+        return torch.cuda.max_memory_allocated() - before
+
+    def reference(logits):
+        return torch.log_softmax(logits.float(), -1).gather(-1, index[:, None])[:, 0]
+
+    fwd_ref, fwd_ours = peak_extra(reference, False), peak_extra(lambda x: selective_log_softmax(x, index), False)
+    assert fwd_ours <= fwd_ref / 8, f"forward: {fwd_ours / 2**20:.0f} MiB vs {fwd_ref / 2**20:.0f} MiB"
+    both_ref = peak_extra(reference, True)
+    both_ours = peak_extra(lambda x: selective_log_softmax(x, index, inplace_backward=True), True)
+    assert both_ours <= both_ref / 8, f"forward + backward: {both_ours / 2**20:.0f} MiB vs {both_ref / 2**20:.0f} MiB"
+
+
+@pytest.mark.cuda
+def test_cuda_nf4_large():
+    w = torch.randn(8960, 1536, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed, state = quantize_nf4(w, blocksize=64, double_quant=True)
+    assert torch.equal(nf4_dequantize(packed, state, impl="triton"), dequantize_nf4(packed, state))
