@@ -69,92 +69,6 @@ def folder_size(path) -> int:
 # --------------------------------------------------------------------------------------------- merging
 
 
-def dequantize_weight(layer) -> torch.Tensor:
-    """The weight a linear layer computes with, as a float32 tensor (out, in); 4-bit NF4/FP4 is dequantized."""
-    weight = layer.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is None:
-        if weight.dtype in (torch.int8, torch.uint8):
-            raise NotImplementedError(f"{type(layer).__name__}: 8-bit weights cannot be merged here; "
-                                      "load the base in 4-bit or 16-bit")
-        return weight.detach().float()
-    import bitsandbytes.functional as bnbf
-
-    data = weight.data
-    if getattr(quant_state, "packing_format_for_cpu", False):
-        # bitsandbytes repacked this weight for AVX512 CPU inference; undo that on copies (as its own
-        # state_dict saving does) so the codes and scales are the standard layout again
-        data, quant_state = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(quant_state))
-    return bnbf.dequantize_4bit(data, quant_state).float()
-
-
-def _lora_layer_state(name: str, module) -> dict:
-    """weight (and bias) of one LoRA-wrapped linear layer with its active adapters added: W + scaling * B @ A."""
-    if getattr(module, "merged", False):
-        raise ValueError(f"{name}: the adapter is already merged into the 4-bit/16-bit base layer in place; "
-                         "call model.unmerge_adapter() first so the merge is done once, in float32")
-    base = module.base_layer
-    if not isinstance(base, torch.nn.Linear) and getattr(base, "quant_state", None) is None \
-            and getattr(getattr(base, "weight", None), "quant_state", None) is None:
-        raise NotImplementedError(f"{name}: LoRA on {type(base).__name__} layers is not supported by this export")
-    weight = dequantize_weight(base)                                          # (out, in)
-    bias = None if base.bias is None else base.bias.detach().float().clone()  # (out,)
-    if not module.disable_adapters:
-        for adapter in module.active_adapters:
-            if adapter not in module.lora_A:
-                continue
-            if module.use_dora.get(adapter, False):
-                raise NotImplementedError(f"{name}: DoRA adapters are not supported by this export")
-            A = module.lora_A[adapter].weight.detach().float()               # (r, in)
-            B = module.lora_B[adapter].weight.detach().float()               # (out, r)
-            delta = module.scaling[adapter] * (B @ A)                        # (out, in)
-            weight = weight + (delta.T if module.fan_in_fan_out else delta)
-            if module.lora_B[adapter].bias is not None:
-                lora_bias = module.scaling[adapter] * module.lora_B[adapter].bias.detach().float()
-                bias = lora_bias if bias is None else bias + lora_bias
-    state = {f"{name}.weight": weight}
-    if bias is not None:
-        state[f"{name}.bias"] = bias
-    return state
-
-
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """float32 weights of `model` under the plain transformers names, LoRA merged and 4-bit dequantized.
-
-    Works for a PeftModel (LoRA, on a 16-bit or a bitsandbytes 4-bit base) and for a plain model.
-    """
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    state, done = {}, []
-    for name, module in base.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in done):
-            continue  # inside a layer handled as a whole
-        if isinstance(module, LoraLayer):
-            state.update(_lora_layer_state(name, module))
-            done.append(name)
-        elif isinstance(module, ModulesToSaveWrapper):
-            inner = module.modules_to_save[module.active_adapters[0]] if not module.disable_adapters \
-                else module.original_module
-            state.update({f"{name}.{k}": v.detach().float() for k, v in inner.state_dict().items()})
-            done.append(name)
-        elif getattr(getattr(module, "weight", None), "quant_state", None) is not None:  # 4-bit, no LoRA
-            state[f"{name}.weight"] = dequantize_weight(module)
-            if module.bias is not None:
-                state[f"{name}.bias"] = module.bias.detach().float()
-            done.append(name)
-        else:
-            prefix = f"{name}." if name else ""
-            persistent = {k: v for k, v in module._buffers.items()
-                          if v is not None and k not in module._non_persistent_buffers_set}
-            for key, value in {**module._parameters, **persistent}.items():
-                if value is not None:
-                    state[prefix + key] = value.detach().float()
-    return state
-
-
 def _base_of(model):
     from peft import PeftModel
 
@@ -162,25 +76,43 @@ def _base_of(model):
 
 
 def merged_model(model, dtype=torch.float32):
-    """A fresh transformers model (no peft, no bitsandbytes) holding `merged_state_dict(model)` in `dtype`."""
-    from transformers import AutoModelForCausalLM
+    """A plain transformers model (no peft, no bitsandbytes) with the weights `model` computes with, in `dtype`.
 
-    config = copy.deepcopy(_base_of(model).config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the merged weights are plain tensors; a stale entry breaks reloading
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = merged_state_dict(model)
-    missing, unexpected = plain.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    missing = [k for k in missing if k not in _tied_keys(plain)]
-    if missing or unexpected:
-        raise ExportVerificationError(f"merged weights do not fit {type(plain).__name__}: "
-                                      f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    A LoRA model is merged by `lessons_lib.models.merge_lora` (4-bit bases dequantized first); a model without
+    adapters is copied, 4-bit layers dequantized. The config is a copy without `quantization_config`: the
+    merged weights are plain tensors, and a stale entry would make transformers reload them as 4-bit.
+    """
+    from peft import PeftModel
+
+    from lessons_lib.models import _plain_state_dict, merge_lora
+
+    if isinstance(model, PeftModel):
+        plain = merge_lora(model, dtype=dtype)
+    else:
+        plain = type(model)(copy.deepcopy(model.config)).to(dtype)
+        missing, unexpected = plain.load_state_dict(_plain_state_dict(model, dtype), strict=False)
+        if unexpected or [k for k in missing if k not in _tied_keys(plain)]:
+            raise ExportVerificationError(f"could not copy {type(model).__name__}: missing {missing[:5]}, "
+                                          f"unexpected {unexpected[:5]}")
+        plain.tie_weights()
+    plain.config = copy.deepcopy(plain.config)
+    if hasattr(plain.config, "quantization_config"):
+        del plain.config.quantization_config
+    plain.config.dtype = dtype
     return plain.eval()
 
 
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """float32 weights `model` computes with, under the plain transformers names (LoRA merged, 4-bit dequantized)."""
+    return {k: v.float() for k, v in merged_model(model, torch.float32).state_dict().items()}
+
+
 def _tied_keys(model) -> set:
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return set(tied) if not isinstance(tied, dict) else set(tied)
+    """Parameter names that share storage with another (lm_head.weight tied to the embeddings)."""
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        (tied.add(name) if p.data_ptr() in seen else seen.add(p.data_ptr()))
+    return tied
 
 
 # --------------------------------------------------------------------------------------------- checking
@@ -253,18 +185,27 @@ def _device(model) -> torch.device:
 
 
 def _disable_bnb_cpu_repacking(model) -> None:
-    """bitsandbytes 0.50 repacks 4-bit CPU weights on the first no-grad forward, which breaks training afterwards
-    (see docs/ENVIRONMENT.md); the checks below run such a forward, so switch the repacking off first."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    """The checks run a no-grad forward, which makes bitsandbytes 0.50 repack 4-bit CPU weights and breaks
+    training afterwards (docs/ENVIRONMENT.md); `fix_bnb_cpu_repack` switches that off, as load_model does."""
+    if any(getattr(getattr(m, "weight", None), "quant_state", None) is not None for m in model.modules()):
+        from lessons_lib.models import fix_bnb_cpu_repack
+
+        fix_bnb_cpu_repack(model)
 
 
-def _reload(path, dtype=torch.float32, gguf_file: str | None = None):
-    from transformers import AutoModelForCausalLM
+def reload(path, gguf_file: str | None = None):
+    """Load an export back the way a learner would: `load_model` (float32, not 4-bit); a GGUF goes through
+    transformers' GGUF reader. Returns (model, tokenizer)."""
+    import json
 
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+    from lessons_lib.models import load_model
+
+    path = Path(path)
+    config = path / "config.json"
+    limit = json.loads(config.read_text()).get("max_position_embeddings", 2048) if config.is_file() else 2048
+    source = path / gguf_file if gguf_file else path
+    model, tokenizer = load_model(str(source), max_seq_length=limit, dtype=torch.float32, load_in_4bit=False)
+    return model.eval(), tokenizer
 
 
 # --------------------------------------------------------------------------------------------- adapter, merged
@@ -308,7 +249,7 @@ def save_merged(model, tokenizer, out_dir, dtype=None, overwrite: bool = False, 
         tokenizer.save_pretrained(staging)
         checks = {"dtype": str(dtype).replace("torch.", "")}
         if verify:
-            reloaded = _reload(staging, dtype=torch.float32)
+            reloaded, _ = reload(staging)
             checks.update(compare_outputs(model, reloaded, probe_ids(tokenizer)))
             _check(checks, TOLERANCE[dtype], f"merged {checks['dtype']} export")
     return ExportResult("merged", Path(out_dir), folder_size(out_dir), checks)

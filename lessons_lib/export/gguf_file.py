@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .core import (TOLERANCE, ExportResult, ExportVerificationError, _base_of, _check, compare_outputs, folder_size,
-                   merged_state_dict, probe_ids, staged_folder)
+                   merged_state_dict, probe_ids, reload, staged_folder)
 
 # transformers name inside `model.layers.{i}.` -> llama.cpp name inside `blk.{i}.`
 LAYER_NAMES = {
@@ -317,12 +317,10 @@ def save_gguf(model, tokenizer, out_dir, out_type: str = "f16", name: str | None
 
             write_modelfile(staging / "Modelfile", tokenizer, f"./{file_name}")
         if verify:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
             checks.update(check_gguf_file(staging / file_name, tensors, hp, vocab, out_type))
-            check_tokenizer_round_trip(tokenizer, AutoTokenizer.from_pretrained(staging, gguf_file=file_name))
-            reloaded = AutoModelForCausalLM.from_pretrained(staging, gguf_file=file_name, dtype=torch.float32)
-            checks.update(compare_outputs(model, reloaded.eval(), probe_ids(tokenizer)))
+            reloaded, reloaded_tokenizer = reload(staging, gguf_file=file_name)  # transformers reads GGUF too
+            check_tokenizer_round_trip(tokenizer, reloaded_tokenizer)
+            checks.update(compare_outputs(model, reloaded, probe_ids(tokenizer)))
             tolerance = TOLERANCE[{"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16,
                                    "q8_0": "q8_0"}[out_type]]
             _check(checks, tolerance, f"GGUF {out_type} export")
