@@ -77,6 +77,11 @@ def letter_reward(prompt: str, response: str) -> float:
     return sum(c == "e" for c in response) / max(len(response), 1)
 
 
+def lowercase_reward(prompt: str, response: str) -> float:
+    """Toy rule reward a random policy can learn fast: the share of characters that are a-z or a space."""
+    return sum(c in "abcdefghijklmnopqrstuvwxyz " for c in response) / max(len(response), 1)
+
+
 def batch_letter_reward(prompts, responses):
     """The same toy reward as a batched `(prompts, responses) -> scores` callable."""
     return [letter_reward(p, r) for p, r in zip(prompts, responses)]
