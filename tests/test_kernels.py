@@ -15,61 +15,14 @@ from lessons_lib.kernels import (
 )
 from lessons_lib.kernels.logprobs import LogprobsEntropyFunction
 from lessons_lib.kernels._common import use_triton
+from lessons_lib.kernels.checking import assert_close, check_against_reference, run
 from lessons_lib.nf4 import dequantize_nf4, quantize_nf4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not INTERPRETED:
     pytest.skip("no GPU and the kernels were not defined under TRITON_INTERPRET=1", allow_module_level=True)
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# How far the Triton result may be from the truth (the torch reference in float64 on the same inputs): the dtype's
-# tolerance, plus twice the error of the torch reference run in the same dtype (a sum over many rows in fp16 is
-# only as exact as fp16 allows; the kernel must be about as good as eager PyTorch, and it is usually better: it
-# computes in fp32 and rounds once, where torch rounds after every op). In the interpreter the fp32 -> bf16 cast
-# truncates instead of rounding to nearest: up to one bf16 ulp, inside the bf16 tolerance.
-TOL = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-}
-
-
-def assert_close(name, actual, expected, dtype, extra_atol=0.0):
-    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype}, reference {expected.dtype}"
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)}, reference {tuple(expected.shape)}"
-    tol = dict(TOL[dtype], atol=TOL[dtype]["atol"] + extra_atol)
-    torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{name}: {m}")
-
-
-def run(fn, inputs, grads_out, impl, dtype=None, **kwargs):
-    """fn(*inputs, impl=impl) on fresh leaf copies (cast to `dtype` if given): (outputs, input grads)."""
-    def cast(x):
-        return x.to(dtype) if dtype is not None and x.is_floating_point() else x
-
-    leaves = [cast(x.detach()).clone().requires_grad_(x.requires_grad) for x in inputs]
-    outs = fn(*leaves, impl=impl, **kwargs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    torch.autograd.backward(list(outs), [cast(g) for g in grads_out])
-    return [o.detach() for o in outs], [x.grad for x in leaves if x.requires_grad]
-
-
-def check_against_reference(name, fn, inputs, grads_out, dtype, output_tol=None, **kwargs):
-    """Triton vs the float64 truth, every output and every input gradient, with the tolerance described at TOL.
-
-    `dtype` picks the tolerance; `output_tol` another one for the outputs (fp32 log-probs of bf16 logits)."""
-    tri_outs, tri_grads = run(fn, inputs, grads_out, "triton", **kwargs)
-    ref_outs, ref_grads = run(fn, inputs, grads_out, "torch", **kwargs)
-    true_outs, true_grads = run(fn, inputs, grads_out, "torch", dtype=torch.float64, **kwargs)
-    assert len(tri_grads) == len(ref_grads) == len(true_grads)
-    pairs = [(f"output {i}", t, r, x, output_tol or dtype) for i, (t, r, x) in enumerate(zip(tri_outs, ref_outs,
-                                                                                               true_outs))]
-    pairs += [(f"grad {i}", t, r, x, dtype) for i, (t, r, x) in enumerate(zip(tri_grads, ref_grads, true_grads))]
-    for what, tri, ref, truth, tol_dtype in pairs:
-        assert tri is not None, f"{name}: no gradient for input {what}"
-        assert tri.dtype == ref.dtype, f"{name} {what}: dtype {tri.dtype}, torch gives {ref.dtype}"
-        ref_err = (ref.double() - truth.double()).abs().max().item() if ref.numel() else 0.0
-        assert_close(f"{name} {what}", tri.double(), truth.double(), tol_dtype, extra_atol=2 * ref_err)
-    return tri_outs, tri_grads
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # tolerances: lessons_lib/kernels/checking.py
 
 
 # ------------------------------------------------------------------------------------------------ RMSNorm
@@ -88,8 +41,9 @@ def test_rms_norm_mixed_dtypes_and_strided_rows():
     x = torch.randn(4, 8, 77 + 5, device=DEVICE).to(torch.bfloat16)[..., :77].requires_grad_()  # row stride 82
     w = torch.randn(77, device=DEVICE).requires_grad_()
     dy = torch.randn(4, 8, 77, device=DEVICE)
-    outs, grads = check_against_reference("rms_norm", rms_norm, [x, w], [dy], torch.bfloat16, eps=1e-6)
-    assert outs[0].dtype == torch.float32 and grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
+    check_against_reference("rms_norm", rms_norm, [x, w], [dy], torch.bfloat16, eps=1e-6)
+    (y,), (dx, dw) = run(rms_norm, [x, w], [dy], "triton", eps=1e-6)
+    assert y.dtype == torch.float32 and dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------------------------ RoPE
@@ -117,8 +71,9 @@ def test_rope_layouts_and_broadcast_positions(transposed):
     """Contiguous and transposed q/k; cos/sin with batch 1 broadcast over B; outputs keep the input layout."""
     q, k, cos, sin = rope_inputs(3, 4, 2, 11, 16, torch.float32, transposed=transposed, cos_batch=1)
     dq, dk = torch.randn_like(q), torch.randn_like(k)
-    outs, _ = check_against_reference("rope", apply_rope, [q, k, cos, sin], [dq, dk], torch.float32)
-    assert outs[0].stride() == q.stride() and outs[1].stride() == k.stride()
+    check_against_reference("rope", apply_rope, [q, k, cos, sin], [dq, dk], torch.float32)
+    q_out, k_out = apply_rope(q, k, cos, sin, impl="triton")
+    assert q_out.stride() == q.stride() and k_out.stride() == k.stride()
 
 
 def test_rope_rejects_bad_inputs():
@@ -152,10 +107,10 @@ def test_logprobs_and_entropy(B, T, V, temperature, dtype):
     logits = (torch.randn(B, T, V, device=DEVICE) * 4).to(dtype).requires_grad_()
     index = torch.randint(0, V, (B, T), device=DEVICE)
     dlogprobs, dentropy = torch.randn(B, T, device=DEVICE), torch.randn(B, T, device=DEVICE)
-    outs, _ = check_against_reference("logprobs_and_entropy", logprobs_and_entropy, [logits, index],
-                                      [dlogprobs, dentropy], dtype, output_tol=torch.float32,
-                                      temperature=temperature)
-    assert outs[0].dtype == outs[1].dtype == torch.float32  # whatever the logits' dtype
+    check_against_reference("logprobs_and_entropy", logprobs_and_entropy, [logits, index], [dlogprobs, dentropy],
+                            dtype, output_tol=torch.float32, temperature=temperature)
+    logprobs, entropy = logprobs_and_entropy(logits, index, temperature, impl="triton")
+    assert logprobs.dtype == entropy.dtype == torch.float32  # whatever the logits' dtype
 
 
 def test_selective_log_softmax_2d_sliced_int32_and_logprob_grad_only():
