@@ -271,3 +271,16 @@ def test_cuda_4bit_bf16_training_step(model_dirs, arch):
     model.generate(**inputs, max_new_tokens=4, do_sample=True, pad_token_id=tokenizer.pad_token_id)
     grads = lora_grads(model, inputs)
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_warns_about_bitsandbytes_avx512_row_bug(tmp_path):
+    """in_features 48 (a multiple of 16, not of 64): bitsandbytes' AVX512 CPU kernel dequantizes with the wrong
+    scales (docs/LOADING.md). load_model warns on such CPUs and stays quiet elsewhere."""
+    from lessons_lib.models import _cpu_flags
+
+    path = save_random_model(tmp_path / "odd", hidden_size=48, intermediate_size=80, num_attention_heads=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(path)
+    messages = [str(w.message) for w in caught if "not a multiple of 64" in str(w.message)]
+    assert bool(messages) == ("avx512f" in _cpu_flags() and not torch.cuda.is_available())
