@@ -312,7 +312,6 @@ def test_adam_tf_style_matches_its_formula():
     torch.testing.assert_close(p.detach(), expected)
 
 
-@pytest.mark.slow
 def test_ppo_raises_a_toy_reward(tok):
     """Reward = share of lowercase letters in the response: 20 PPO steps must raise it clearly (random start ~0.25)."""
     trainer = trainer_for(tok, lora=False, batch_size=16, mini_batch_size=8, learning_rate=1e-3, max_new_tokens=8,
