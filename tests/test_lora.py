@@ -180,3 +180,27 @@ def test_merge_lora_on_cuda_bf16(model_dirs, arch):
         got = merged(**inputs).logits.float()
     # bf16: the merged weight is rounded once more than the 4-bit + adapter path
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("load_in_4bit", [True, False], ids=["4bit", "fp32"])
+def test_causal_lm_loss_equals_the_transformers_loss_and_its_gradients(model_dirs, load_in_4bit):
+    from lessons_lib.models import causal_lm_loss
+
+    model, tokenizer = load_model(model_dirs["qwen2"], load_in_4bit=load_in_4bit)
+    peft_model = get_peft_model(model, r=4, init_lora_weights=False, verbose=False)
+    peft_model.train()
+    inputs = inputs_for(tokenizer)  # left padded: masked positions must be ignored
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    results = []
+    for compute in (lambda: peft_model(**inputs, labels=labels).loss,
+                    lambda: causal_lm_loss(peft_model, inputs["input_ids"], inputs["attention_mask"], chunk_tokens=7)):
+        peft_model.zero_grad(set_to_none=True)
+        loss = compute()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="no position has a label"):
+        causal_lm_loss(peft_model, inputs["input_ids"], labels=torch.full_like(labels, -100))
