@@ -1,0 +1,90 @@
+"""
+Every kernel script in one run: checks, benchmarks, results files, and one summary table
+========================================================================================
+
+    python kernels/bench_all.py [--quick] [--only rms_norm,rope]
+
+On a GPU (meant for one call on the H200 machine: a few minutes) it measures the copy bandwidth once, runs each
+script's check and benchmark, writes kernels/results/<kernel>.md/.json for each and kernels/results/summary.md.
+On a CPU it runs the checks in the Triton interpreter only.
+
+Optional baselines: Liger-Kernel (`liger_kernel`) and bitsandbytes, e.g. from wheels carried in .whl/ (see
+docs/KERNELS.md); torch.compile needs a working compiler. A missing or failing baseline only loses its rows.
+"""
+
+import argparse
+import runpy
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ["rms_norm", "rope", "swiglu", "logprobs", "nf4_dequantize"]
+TARGETS = {"rms_norm": 85, "rope": 85, "swiglu": 85, "logprobs": 85, "nf4_dequantize": 80}  # % of copy, docs
+
+
+def summary(all_rows, copy_gbps):
+    """One line per kernel and shape: ours (fwd+bwd, or fwd for NF4) against each baseline."""
+    lines = ["| kernel | shape | mode | ours ms | ours % of copy | target | eager / ours | compile / ours | "
+             "liger or bnb / ours |", "|---|---|---|---|---|---|---|---|---|"]
+    for kernel, rows in all_rows.items():
+        for r in rows:
+            r.finish(copy_gbps)
+        keys = sorted({(r.shape, r.mode) for r in rows if r.provider == "ours" and r.ms}, key=str)
+        for shape, mode in keys:
+            if kernel != "nf4_dequantize" and mode != "fwd+bwd":
+                continue
+            by = {r.provider: r for r in rows if r.shape == shape and r.mode == mode}
+            ours = by["ours"]
+            ratio = lambda name: f"{by[name].ms / ours.ms:.2f}x" if name in by and by[name].ms else "-"  # noqa: E731
+            other = ratio("liger") if "liger" in by else ratio("bitsandbytes")
+            lines.append(f"| {kernel} | {shape} | {mode} | {ours.ms:.3f} | {ours.pct_copy:.0f}% | "
+                         f"{TARGETS[kernel]}% | {ratio('eager')} | {ratio('compile')} | {other} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="run every kernels/ script")
+    parser.add_argument("--quick", action="store_true", help="one shape per kernel")
+    parser.add_argument("--only", default=",".join(SCRIPTS), help="comma-separated subset of " + ",".join(SCRIPTS))
+    args = parser.parse_args()
+    names = [n for n in args.only.split(",") if n]
+    unknown = set(names) - set(SCRIPTS)
+    if unknown:
+        parser.error(f"unknown kernels {sorted(unknown)}; choose from {SCRIPTS}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    scripts = {name: runpy.run_path(str(HERE / f"{name}.py"), run_name="bench_all") for name in names}
+    for name, ns in scripts.items():
+        ns["check"](device)
+    if device == "cpu":
+        print(f"all checks passed in {time.perf_counter() - start:.0f} s; timing skipped (no GPU)")
+        return
+
+    from lessons_lib.kernels import bench
+
+    copy_gbps = bench.copy_bandwidth()
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
+    all_rows = {}
+    for name, ns in scripts.items():
+        t0 = time.perf_counter()
+        print(f"\n== {name}")
+        result = ns["benchmark"](copy_gbps, args.quick)
+        rows, notes = result if isinstance(result, tuple) else (result, "")
+        all_rows[name] = rows
+        bench.write_results(ns["KERNEL"], rows, copy_gbps, ns["FORMULA"], notes)
+        print(f"   ({time.perf_counter() - t0:.0f} s)")
+    text = summary(all_rows, copy_gbps)
+    info = bench.hardware()
+    header = [f"# Kernel summary ({info.get('gpu', '?')}, copy bandwidth {copy_gbps:.0f} GB/s in the same run)", "",
+              "- command: `python kernels/bench_all.py" + (" --quick" if args.quick else "") + "`",
+              "- hardware: " + ", ".join(f"{k} {v}" for k, v in info.items()),
+              "- fwd+bwd for the four training kernels, fwd for NF4; the per-kernel files hold every row", ""]
+    (bench.RESULTS_DIR / "summary.md").write_text("\n".join(header) + text + "\n")
+    print("\n" + text)
+    print(f"\nwrote {bench.RESULTS_DIR}/summary.md; total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
