@@ -5,12 +5,15 @@
         rewards = trainer.compute_reward(responses=responses, queries=batch["input_ids"])             # step 5
         stats = trainer.step(queries=batch["input_ids"], responses=responses, rewards=rewards)        # steps 2-9
 
-`step()` runs the numbered steps of DESIGN.md "The PPO loop", one small method each:
-  2 `_prepare`       pad, cut after EOS, EOS-trick penalty          (rollout.truncate_after_eos)
-  3-4 `_score_tokens` policy/reference log-probs, entropy, values     (rollout.policy_forward, no grad, per minibatch)
-  5 `_final_scores`  score normalisation / clipping / EOS penalty
-  6-8 `_advantages`  KL-shaped rewards, reward whitening, GAE, advantage whitening   (core.*)
-  9 `_update`        minibatch epochs with gradient accumulation, clipped losses, diagnostics
+`step()` runs the numbered steps of DESIGN.md "The PPO loop", one public method each (the lesson's widget
+calls them one at a time):
+  2   `prepare_rollout`  pad, cut after EOS                                  (rollout.truncate_after_eos)
+  3-4 `score_tokens`     policy/reference log-probs, entropy, values          (no grad, one minibatch at a time)
+  5   `final_scores`     score normalisation / clipping, EOS-trick penalty
+  6-7 `kl_rewards`       per-token KL-shaped rewards, optional reward whitening   (core.compute_rewards)
+  8   `advantages`       GAE, advantage whitening                              (core.compute_gae)
+  9   `update`           minibatch epochs, gradient accumulation, clipped losses, diagnostics
+      `finish_step`      stats, adaptive KL, difficulty statistics, step counter, checkpoint, log line
 """
 
 from __future__ import annotations
@@ -230,39 +233,50 @@ class PPOTrainer:
     def step(self, queries, responses, rewards=None, scores=None) -> dict:
         """One PPO iteration on a batch of (query, response, reward); returns a flat dict of float stats."""
         t0 = time.perf_counter()
-        n = self.current_step + 1
-        cfg = self.config
-        if rewards is None and scores is None:
+        raw = self.check_scores(queries, responses, rewards if rewards is not None else scores)
+        self._anneal_lr()
+        roll = self.prepare_rollout(queries, responses)                   # step 2
+        t1 = time.perf_counter()
+        self.score_tokens(roll)                                           # steps 3-4
+        roll.scores = self.final_scores(raw, roll.has_eos)                # step 5
+        self.kl_rewards(roll)                                             # steps 6-7
+        self.advantages(roll)                                             # step 8
+        t2 = time.perf_counter()
+        stats = self.update(roll)                                         # step 9
+        t3 = time.perf_counter()
+        return self.finish_step(queries, roll, raw, stats, {"time/ppo/forward": t2 - t1, "time/ppo/optimize": t3 - t2,
+                                                            "time/ppo/total": t3 - t0})
+
+    def check_scores(self, queries, responses, rewards) -> torch.Tensor:
+        """One finite float per response, as a (B,) tensor; raises a clear error otherwise."""
+        if rewards is None:
             raise ValueError("step: pass rewards= (or scores=), one per response")
-        raw = to_scores(rewards if rewards is not None else scores, len(responses), "step(rewards)")
-        if len(queries) != cfg.batch_size:
-            raise ValueError(f"step: got {len(queries)} queries, config.batch_size is {cfg.batch_size}")
+        raw = to_scores(rewards, len(responses), "step(rewards)")
+        if len(queries) != self.config.batch_size or len(responses) != len(queries):
+            raise ValueError(f"step: got {len(queries)} queries and {len(responses)} responses, config.batch_size is "
+                             f"{self.config.batch_size}")
         if not torch.isfinite(raw).all():
             bad = torch.nonzero(~torch.isfinite(raw)).flatten().tolist()
-            self._stop(n, f"reward(s) of response(s) {bad}: {raw[bad].tolist()}")
-        self._anneal_lr()
-        roll = self._prepare(queries, responses)
-        t1 = time.perf_counter()
-        self._score_tokens(roll)
-        roll.scores = self._final_scores(raw, roll.has_eos)
-        self._advantages(roll)
-        t2 = time.perf_counter()
-        stats = self._update(roll, n)
-        t3 = time.perf_counter()
+            self._stop(f"reward(s) of response(s) {bad}: {raw[bad].tolist()}")
+        return raw
+
+    def finish_step(self, queries, roll: Rollout, raw: torch.Tensor, stats: dict, times: dict | None = None) -> dict:
+        """After the update: rollout statistics, the KL controller, the sampler, the step counter, saving, logging."""
+        cfg = self.config
         stats.update(self._rollout_stats(roll, raw))
         self.kl_ctl.update(stats["objective/kl"], cfg.batch_size)
         self._update_sampler(queries, roll)
         self.last_rollout = roll
-        self.current_step = n
-        stats.update({"time/ppo/forward": t2 - t1, "time/ppo/optimize": t3 - t2,
-                      "time/ppo/total": time.perf_counter() - t0})
-        if cfg.save_every and n % cfg.save_every == 0:
+        self.current_step += 1
+        stats.update(times or {})
+        if cfg.save_every and self.current_step % cfg.save_every == 0:
             self.save_checkpoint(cfg.checkpoint_dir)
-        if cfg.log_every and n % cfg.log_every == 0:
-            print(self.log_line(stats))
+        if cfg.log_every and self.current_step % cfg.log_every == 0:
+            print(f"step {self.current_step:>4} | " + self.log_line(stats))
         return stats
 
-    def _stop(self, n: int, what: str):
+    def _stop(self, what: str):
+        n = self.current_step + 1
         where = (f"the last good checkpoint is {self.last_checkpoint} (step {self.current_step_saved})"
                  if self.last_checkpoint else "no checkpoint was saved (set checkpoint_dir and save_every)")
         raise NonFiniteError(f"step {n}: non-finite {what}. Training stopped before applying it; {where}.")
@@ -277,7 +291,7 @@ class PPOTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.learning_rate * frac
 
-    def _prepare(self, queries, responses) -> Rollout:
+    def prepare_rollout(self, queries, responses) -> Rollout:
         """Step 2: cut every response after its first EOS, pad queries left and responses right."""
         cut = [truncate_after_eos(r.cpu(), self.eos_id, self.pad_id) for r in responses]
         empty = [i for i, (r, _) in enumerate(cut) if len(r) == 0]
@@ -290,7 +304,7 @@ class PPOTrainer:
         return Rollout(q_ids.to(d), q_mask.to(d), r_ids.to(d), r_mask.to(d), has_eos.to(d))
 
     @torch.no_grad()
-    def _score_tokens(self, roll: Rollout) -> None:
+    def score_tokens(self, roll: Rollout) -> None:
         """Steps 3-4: log-probs under the policy and the reference, entropy, values; one minibatch at a time."""
         mb, T = self.config.mini_batch_size, self.sampling_temperature
         parts = defaultdict(list)
@@ -312,7 +326,7 @@ class PPOTrainer:
         for name, chunks in parts.items():
             setattr(roll, name, torch.cat(chunks) * mask)                           # (B, Tr)
 
-    def _final_scores(self, raw: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
+    def final_scores(self, raw: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
         """Step 5: optional running normalisation and clipping, then the EOS trick for unfinished responses."""
         cfg, scores = self.config, raw.to(self.device)
         if cfg.score_norm:
@@ -324,13 +338,18 @@ class PPOTrainer:
             scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.missing_eos_penalty))
         return scores
 
-    def _advantages(self, roll: Rollout) -> None:
-        """Steps 6-8: per-token KL-shaped rewards, optional reward whitening, GAE, advantage whitening."""
+    def kl_rewards(self, roll: Rollout) -> None:
+        """Steps 6-7: per-token rewards -beta * KL_t, plus the score at the last token; optional reward whitening."""
         cfg, mask = self.config, roll.response_mask
         roll.rewards, roll.kl = compute_rewards(roll.scores, roll.logprobs, roll.ref_logprobs, mask,
                                                 self.kl_ctl.value, cfg.kl_estimator)
-        rewards = masked_whiten(roll.rewards, mask, shift_mean=False) if cfg.whiten_rewards else roll.rewards
-        roll.advantages, roll.returns = compute_gae(rewards, roll.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_rewards:
+            roll.rewards = masked_whiten(roll.rewards, mask, shift_mean=False)
+
+    def advantages(self, roll: Rollout) -> None:
+        """Step 8: GAE over the response tokens, then advantage whitening."""
+        cfg, mask = self.config, roll.response_mask
+        roll.advantages, roll.returns = compute_gae(roll.rewards, roll.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             roll.advantages = masked_whiten(roll.advantages, mask)
 
@@ -349,13 +368,13 @@ class PPOTrainer:
                  "ppo/policy/ratio": pg["ratio"], "ppo/val/clipfrac": vf["clipfrac"], "ppo/val/error": vf["error"]}
         return loss, stats
 
-    def _update(self, roll: Rollout, n: int) -> dict:
+    def update(self, roll: Rollout) -> dict:
         """Step 9: `ppo_epochs` passes in random order; `gradient_accumulation_steps` minibatches per optimizer step."""
         from tqdm.auto import tqdm
 
         cfg, B = self.config, roll.query_ids.shape[0]
         collected = defaultdict(list)
-        bar = tqdm(total=cfg.ppo_epochs * cfg.num_mini_batches, desc=f"ppo step {n}", unit="mb", leave=False,
+        bar = tqdm(total=cfg.ppo_epochs * cfg.num_mini_batches, desc=f"ppo step {self.current_step + 1}", unit="mb", leave=False,
                    disable=not cfg.progress)
         self.model.train()
         with bar:
@@ -366,7 +385,7 @@ class PPOTrainer:
                     for mb_start in range(start, start + cfg.backward_batch_size, cfg.mini_batch_size):
                         loss, stats = self._minibatch_loss(roll, order[mb_start:mb_start + cfg.mini_batch_size])
                         if not torch.isfinite(loss):
-                            self._stop(n, f"loss in PPO epoch {epoch + 1}, minibatch {mb_start // cfg.mini_batch_size + 1}"
+                            self._stop(f"loss in PPO epoch {epoch + 1}, minibatch {mb_start // cfg.mini_batch_size + 1}"
                                        f" ({', '.join(f'{k}={float(v):.4g}' for k, v in stats.items() if 'loss' in k)})")
                         (loss / cfg.gradient_accumulation_steps).backward()
                         for key, value in stats.items():
@@ -375,7 +394,7 @@ class PPOTrainer:
                     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
                     grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
                     if not torch.isfinite(grad_norm):
-                        self._stop(n, f"gradient norm ({float(grad_norm)}) in PPO epoch {epoch + 1}")
+                        self._stop(f"gradient norm ({float(grad_norm)}) in PPO epoch {epoch + 1}")
                     self.optimizer.step()
                     collected["ppo/grad_norm"].append(grad_norm.detach())
         out = {key: float(torch.stack(values).float().mean()) for key, values in collected.items()}
