@@ -76,11 +76,11 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> None:
         raise ValueError(f"{op}: tensors on different devices: " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
 
 
-def num_programs(device: torch.device) -> int:
-    """How many programs a persistent (grid-stride) kernel should launch: a few per SM on a GPU, 4 otherwise."""
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a GPU (1 in the interpreter): persistent kernels launch a few programs per SM."""
     if device.type == "cuda" and not INTERPRETED:
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
 
 
 class _FirstConfig:

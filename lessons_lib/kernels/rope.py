@@ -80,7 +80,9 @@ def _rope_kernel(
     s1 = tl.load(sin_row + d * sc_d, mask=d_ok, other=0.0).to(tl.float32)
     s2 = tl.load(sin_row + (d + half) * sc_d, mask=d_ok, other=0.0).to(tl.float32)
     if BACKWARD:  # the transposed rotation: (s1, s2) -> (-s2, -s1)
-        s1, s2 = -s2, -s1
+        s1_forward = s1
+        s1 = -s2
+        s2 = -s1_forward
 
     _rotate_heads(q_ptr + b * sq_b + t * sq_t, q_out_ptr + b * sqo_b + t * sqo_t,
                   n_qh, sq_h, sq_d, sqo_h, sqo_d, half, c1, c2, s1, s2, BLOCK_QH, BLOCK_D)
