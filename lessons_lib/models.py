@@ -488,7 +488,7 @@ def _plain_state_dict(base, dtype) -> dict:
 # ------------------------------------------------------------------------------------------ a lean loss
 
 
-def causal_lm_loss(model, input_ids, attention_mask=None, labels=None, chunk_tokens: int = 2048):
+def causal_lm_loss(model, input_ids, attention_mask=None, labels=None, chunk_tokens: int = 1024):
     """Mean next-token cross-entropy, equal to `model(..., labels=labels).loss`, without (B, T, V) logits.
 
     The usual loss keeps B*T*V logits (and an fp32 copy inside the cross-entropy) alive until the backward: for
