@@ -48,8 +48,11 @@ def is_bfloat16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def default_dtype(device) -> torch.dtype:
-    """`dtype=None` in load_model: bf16 where supported, else fp16 on a GPU, fp32 on CPU."""
+def default_dtype(device=None) -> torch.dtype:
+    """`dtype=None` in load_model: bf16 where supported, else fp16 on a GPU, fp32 on CPU (device: default the GPU
+    if there is one)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if torch.device(device).type == "cuda":
         return torch.bfloat16 if is_bfloat16_supported() else torch.float16
     return torch.float32
