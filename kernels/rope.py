@@ -26,6 +26,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before lessons_lib.kernels defines its kernels
+try:
+    import lessons_lib  # noqa: F401
+except ModuleNotFoundError:  # a checkout where lessons_lib is not installed: use the checkout's copy
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lessons_lib.kernels import apply_rope, apply_rope_torch, bench  # noqa: E402
 from lessons_lib.kernels.checking import check_against_reference  # noqa: E402
