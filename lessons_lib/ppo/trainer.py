@@ -97,6 +97,10 @@ class PPOTrainer:
         self.config = config = config or PPOConfig()
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("PPOTrainer: the tokenizer needs both a pad token and an EOS token")
+        if tokenizer.pad_token_id == tokenizer.eos_token_id:
+            warnings.warn("PPOTrainer: the pad token is the EOS token. Rollouts stay correct here (masks come from the "
+                          "first EOS, not from padding), but a model trained with pad = EOS often learns to never "
+                          "stop [N+]: give the tokenizer its own pad token", stacklevel=2)
         torch.manual_seed(config.seed)
         self.model, self.tokenizer = model, tokenizer
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
