@@ -87,6 +87,16 @@ def _fix_bnb_cpu_repacking(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def _two_argument(fn):
+    """A rule reward as `(prompt_text, response_text) -> float`; one-argument rules (the article's
+    `custom_reward(response_text)`) get the response only."""
+    try:
+        from lessons_lib.rewards_rules import as_reward_fn as as_rule
+    except ImportError:
+        return fn
+    return as_rule(fn)
+
+
 class PPOTrainer:
     """PPO for causal LMs with an explicit loop; see the module docstring and docs/PPO.md."""
 
@@ -112,7 +122,8 @@ class PPOTrainer:
         self.ref_model = self._reference(ref_model)
         self.reward_model = reward_model
         self.reward_fn = as_reward_fn(reward_model, tokenizer)
-        self.reward_fns = [(fn, float(w)) for fn, w in reward_fns]
+        pairs = [entry if isinstance(entry, (tuple, list)) else (entry, 1.0) for entry in reward_fns]
+        self.reward_fns = [(fn, _two_argument(fn), float(w)) for fn, w in pairs]
         self.value_head, self.critic = self._value_function(reward_model)
         self._params = [p for p in model.parameters() if p.requires_grad] + [
             p for p in (self.value_head or self.critic).parameters() if p.requires_grad]
@@ -227,8 +238,8 @@ class PPOTrainer:
             rm = to_scores(self.reward_fn(prompts, texts), len(texts), "reward model")
             self.last_reward_parts["reward_model"] = rm
             total += rm
-        for fn, weight in self.reward_fns:
-            rule = torch.tensor([float(fn(p, r)) for p, r in zip(prompts, texts)])
+        for fn, rule_fn, weight in self.reward_fns:
+            rule = torch.tensor([float(rule_fn(p, r)) for p, r in zip(prompts, texts)])
             self.last_reward_parts[getattr(fn, "__name__", "rule")] = rule
             total += weight * rule
         return total
