@@ -139,6 +139,7 @@ class RolloutEngine:
             scratch["buf"] = torch.empty(need, device=self.device, dtype=self.dtype)
         self.decoder = dec
         self._signatures = [self._signature(p) for p in dec.projs]
+        self._snapshots = [[t.detach().clone() for t in self._lora_tensors(p)] for p in dec.projs]
         self._pointers = self._pointer_signature()
         self._workspaces.clear()
         if self.cuda_graphs:
@@ -158,22 +159,57 @@ class RolloutEngine:
                 tensors += [s.packed if s.quantized else s.base.weight for s in p.sources]
         return tuple(t.data_ptr() for t in tensors)
 
+    @staticmethod
+    def _lora_tensors(proj) -> list[torch.Tensor]:
+        return [t for s in proj.sources for lora in s.loras() for t in (lora.A, lora.B, lora.bias) if t is not None]
+
+    def _lora_changed(self) -> set[int]:
+        """Indices of projections whose LoRA tensors differ from the snapshot taken at their last refresh.
+
+        Version counters miss some in-place writes (fused AdamW, `torch.optim.AdamW(fused=True)`, does not bump
+        them), so LoRA tensors, which are small, are compared exactly: one foreach subtraction, one foreach max-norm,
+        one host sync for all of them.
+        """
+        owners, current, snapshot = [], [], []
+        for i, p in enumerate(self.decoder.projs):
+            tensors = self._lora_tensors(p)
+            if len(tensors) != len(self._snapshots[i]) or any(
+                    a.shape != b.shape or a.dtype != b.dtype for a, b in zip(tensors, self._snapshots[i])):
+                owners.append(i)  # a structural change: always stale
+                current.append(torch.ones(1, device=self.device))
+                snapshot.append(torch.zeros(1, device=self.device))
+                continue
+            owners += [i] * len(tensors)
+            current += tensors
+            snapshot += self._snapshots[i]
+        if not current:
+            return set()
+        diffs = torch._foreach_norm(torch._foreach_sub(current, snapshot), ord=float("inf"))
+        changed = (torch.stack([d.float() for d in diffs]) != 0).tolist()  # NaN != 0 counts as changed
+        return {i for i, c in zip(owners, changed) if c}
+
     @torch.no_grad()
     def refresh(self, force: bool = False) -> int:
         """Re-read the projections whose weights or adapters changed since the last call (all with `force`).
 
-        Called by `generate` automatically. Returns how many projections were re-read.
+        Called by `generate` automatically. A change is seen when adapters are switched, added or merged, when a
+        tensor is replaced or written in place (version counter), and, for LoRA tensors, whenever their values
+        differ. Base weights written by an optimizer that does not bump version counters (fused AdamW on a full
+        fine-tune) need `refresh(force=True)`, or `weights="lean"`, which reads plain weights where they lie.
+        Returns how many projections were re-read.
         """
         if self.decoder is None:
             self.build()
             return 0
         stale_graphs = self._pointer_signature() != self._pointers
+        changed = self._lora_changed()
         count = 0
         for i, p in enumerate(self.decoder.projs):
             sig = self._signature(p)
-            if force or sig != self._signatures[i]:
+            if force or i in changed or sig != self._signatures[i]:
                 stale_graphs |= p.refresh()
                 self._signatures[i] = sig
+                self._snapshots[i] = [t.detach().clone() for t in self._lora_tensors(p)]
                 count += 1
         if stale_graphs:
             self._pointers = self._pointer_signature()
@@ -190,12 +226,13 @@ class RolloutEngine:
     def memory(self) -> dict:
         """Bytes held by the engine, by kind."""
         if self.decoder is None:
-            return {"weights": 0, "scratch": 0, "kv_cache": 0, "dense_layers": 0, "layers": 0}
+            return {"weights": 0, "scratch": 0, "kv_cache": 0, "lora_snapshot": 0, "dense_layers": 0, "layers": 0}
         dec = self.decoder
         scratch = dec.layers[0].qkv.scratch.get("buf")
         return {"weights": sum(p.nbytes() for p in dec.projs),
                 "scratch": 0 if scratch is None else scratch.numel() * scratch.element_size(),
                 "kv_cache": sum(ws.nbytes() for ws in self._workspaces.values()),
+                "lora_snapshot": sum(t.numel() * t.element_size() for ts in self._snapshots for t in ts),
                 "dense_layers": sum(all(p.dense for p in layer.projs) for layer in dec.layers),
                 "layers": len(dec.layers)}
 

@@ -35,15 +35,19 @@ def unwrap_causal_lm(model):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm: normalise in fp32, cast back, then scale."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * xf.to(x.dtype)).to(x.dtype)
+    """transformers' RMSNorm, w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype) with the inside in fp32: `F.rms_norm`
+    does the inside in fp32 and rounds once, the same numbers in 2 kernels instead of 8."""
+    return (weight * F.rms_norm(x, (x.shape[-1],), eps=eps)).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin for (B, T, heads, hs) with cos, sin (B, T, 1, hs): queries and keys at once."""
+    return torch.addcmul(x * cos, rotate_half(x), sin)
 
 
 class Layer:
@@ -107,23 +111,21 @@ class Decoder:
 
     # ------------------------------------------------------------------ pieces
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for integer positions (B, T): each (B, 1, T, hs), in fp32 then cast like transformers."""
+        """cos, sin for integer positions (B, T): each (B, T, 1, hs), in fp32 then cast, as transformers does."""
         freqs = pos[..., None].float() * self.inv_freq                            # (B, T, hs/2)
         emb = torch.cat((freqs, freqs), dim=-1)                                    # (B, T, hs)
         cos, sin = emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
-        return cos.to(self.dtype)[:, None], sin.to(self.dtype)[:, None]
+        return cos.to(self.dtype)[:, :, None], sin.to(self.dtype)[:, :, None]
 
     def _qkv(self, layer: Layer, x: torch.Tensor, cos, sin):
-        """Normalise, project, rotate: x (B, T, H) -> q (B, nh, T, hs), k and v (B, nkv, T, hs)."""
+        """Normalise, project, rotate: x (B, T, H) -> q (B, T, nh, hs), k and v (B, T, nkv, hs)."""
         B, T, H = x.shape
         h = rms_norm(x, layer.ln1, layer.eps1).view(B * T, H)
-        q, k, v = layer.qkv(h).split(layer.qkv.sizes, dim=-1)                     # (B*T, nh*hs), 2 x (B*T, nkv*hs)
-        q = q.view(B, T, self.nh, self.hs).transpose(1, 2)
-        k = k.view(B, T, self.nkv, self.hs).transpose(1, 2)
-        v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        return q, k, v
+        qkv = layer.qkv(h)                                                         # (B*T, (nh + 2 nkv) hs)
+        nqk = (self.nh + self.nkv) * self.hs
+        qk = apply_rope(qkv[:, :nqk].view(B, T, self.nh + self.nkv, self.hs), cos, sin)  # rotated together
+        v = qkv[:, nqk:].view(B, T, self.nkv, self.hs)
+        return qk[:, :, :self.nh], qk[:, :, self.nh:], v
 
     def _rest(self, layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, MLP, residual: attn (B, T, nh*hs) -> new x (B, T, H)."""
@@ -149,7 +151,7 @@ class Decoder:
         allowed |= torch.eye(T, dtype=torch.bool, device=ids.device)               # padding sees itself: no NaN rows
         x = F.embedding(ids, self.embed).to(self.dtype)                            # (B, Tq, H)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
+            q, k, v = (t.transpose(1, 2) for t in self._qkv(layer, x, cos, sin))  # (B, heads, Tq, hs)
             cache_k[i][:, :, :T] = k
             cache_v[i][:, :, :T] = v
             k, v = k.repeat_interleave(self.g, dim=1), v.repeat_interleave(self.g, dim=1)  # (B, nh, Tq, hs)
@@ -170,12 +172,12 @@ class Decoder:
         cos, sin = self.rope(pos[:, None])                                         # (B, 1, 1, hs)
         x = F.embedding(tok[:, None], self.embed).to(self.dtype)                   # (B, 1, H)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)                               # q (B, nh, 1, hs)
-            cache_k[i].index_copy_(2, col, k)
-            cache_v[i].index_copy_(2, col, v)
-            qg = q.view(B, self.nkv, self.g, self.hs)                              # query heads grouped by kv head
-            scores = torch.matmul(qg, cache_k[i].transpose(-1, -2)) * self.scale + bias  # (B, nkv, g, Tc)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
+            q, k, v = self._qkv(layer, x, cos, sin)                               # q (B, 1, nh, hs)
+            cache_k[i].index_copy_(2, col, k.transpose(1, 2))                      # (B, nkv, 1, hs) at column col
+            cache_v[i].index_copy_(2, col, v.transpose(1, 2))
+            qg = q.reshape(B, self.nkv, self.g, self.hs)                           # query heads grouped by kv head
+            scores = torch.add(bias, torch.matmul(qg, cache_k[i].transpose(-1, -2)), alpha=self.scale)
+            probs = torch.softmax(scores, dim=-1)                                  # (B, nkv, g, Tc), fp32 inside
             a = torch.matmul(probs, cache_v[i])                                    # (B, nkv, g, hs)
             x = self._rest(layer, x, a.reshape(B, 1, self.nh * self.hs))
         return self.logits(x[:, -1])

@@ -1,0 +1,410 @@
+"""Rollout benchmark: new tokens/s of PPO's generation step, lessons_lib's engine vs transformers vs Unsloth.
+
+Workload (docs/GPU.md): a random-weight Qwen2-1.5B, NF4 4-bit + LoRA r=16 on q,k,v,o (loaded with
+`lessons_lib.load_model` / `get_peft_model`), 32 prompts x 64 tokens -> 128 new tokens, pure sampling at T=0.7
+(top_k=0, top_p=1, the distribution PPO's log-probs describe). Every row generates all 128 tokens
+(`min_new_tokens=128` suppresses EOS in every stack), so tokens/s compare equal work. One warm-up call per stack
+(never timed), then the median of `--runs` timed calls; peak memory is `torch.cuda.max_memory_allocated` over
+the stack's calls, model included. Speed does not depend on the weights, so random ones are fine.
+
+Each stack runs in a subprocess of this script (`--worker`): lessons_lib and transformers share one process
+(engine variants first, then generate); Unsloth gets its own, because importing it patches transformers globally.
+
+    python3 benchmarks/rollout.py            # GPU machine, ~3 min: table + benchmarks/results/rollout.{md,json}
+    python benchmarks/rollout.py --quick     # CPU, seconds: a tiny config, to test the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # lessons_lib from this checkout, installed or not
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
+                  rms_norm_eps=1e-6, max_position_embeddings=4096)
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=512)
+EOS, PAD = 1, 0
+
+# name -> (worker process, what it measures)
+STACKS = {
+    "engine": ("main", "lessons_lib RolloutEngine: merged 16-bit copy, CUDA graph"),
+    "engine-lean": ("main", "lessons_lib RolloutEngine: 4-bit kept, per-layer dequantize, CUDA graph"),
+    "engine-eager": ("main", "lessons_lib RolloutEngine: merged 16-bit copy, no CUDA graph"),
+    "hf-4bit-dynamic": ("main", "transformers generate, 4-bit + LoRA, dynamic cache"),
+    "hf-4bit-static": ("main", "transformers generate, 4-bit + LoRA, static cache"),
+    "hf-bf16-static": ("main", "transformers generate, bf16 (no LoRA), static cache (auto-compiled on GPU)"),
+    "unsloth": ("unsloth", "Unsloth FastLanguageModel, 4-bit + LoRA, for_inference"),
+}
+
+
+# ------------------------------------------------------------------------------------------------ parent
+
+
+def build_model(folder: Path, config: dict, device: str):
+    """Random bf16 Qwen2 (built on the device: seconds, not minutes) and a word-level tokenizer, saved."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    if (folder / "config.json").exists():
+        return
+    cfg = transformers.Qwen2Config(**config, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.Qwen2ForCausalLM(cfg)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": 2, **{f"w{i}": i for i in range(3, 200)}}
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                               eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    tok.save_pretrained(folder)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_worker(kind: str, stacks: list[str], args, model_dir: Path, timeout: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result = Path(f.name)
+    cmd = [sys.executable, __file__, "--worker", kind, "--stacks", ",".join(stacks), "--model-dir", str(model_dir),
+           "--result", str(result), "--runs", str(args.runs), "--batch", str(args.batch),
+           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+           "--temperature", str(args.temperature)] + (["--quick"] if args.quick else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
+        out = json.loads(result.read_text()) if result.stat().st_size else {}
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout)[-1500:]
+            out.setdefault("_error", f"worker exited {proc.returncode}: {tail}")
+    except subprocess.TimeoutExpired:
+        out = json.loads(result.read_text()) if result.stat().st_size else {}
+        out["_error"] = f"worker timed out after {timeout} s"
+    print(f"  [{kind} worker: {time.time() - t0:.0f} s]", flush=True)
+    result.unlink(missing_ok=True)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny config on CPU, seconds (tests the script)")
+    p.add_argument("--stacks", default=None, help=f"comma-separated subset of {','.join(STACKS)}")
+    p.add_argument("--runs", type=int, default=None, help="timed calls per stack (median reported)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--prompt-len", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--out", default=None, help="results path without extension")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=int, default=300, help="seconds per worker process")
+    args = p.parse_args()
+    q = args.quick
+    args.runs = args.runs or (2 if q else 3)
+    args.batch = args.batch or (4 if q else 32)
+    args.prompt_len = args.prompt_len or (8 if q else 64)
+    args.new_tokens = args.new_tokens or (8 if q else 128)
+    stacks = args.stacks.split(",") if args.stacks else list(STACKS)
+    unknown = [s for s in stacks if s not in STACKS]
+    if unknown:
+        p.error(f"unknown stacks {unknown}; choose from {list(STACKS)}")
+    if args.worker:
+        return worker(args, stacks)
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not q else "cpu"
+    config = TINY if q else QWEN2_1_5B
+    model_dir = Path(args.model_dir or Path(tempfile.gettempdir()) / ("lessons-rollout-tiny" if q else
+                                                                        "lessons-rollout-qwen2-1.5b"))
+    started = time.time()
+    print(f"model: random Qwen2 {'tiny' if q else '1.5B'} config -> {model_dir}", flush=True)
+    build_model(model_dir, config, device)
+    results = {}
+    for kind in ("main", "unsloth"):
+        mine = [s for s in stacks if STACKS[s][0] == kind]
+        if not mine:
+            continue
+        if kind == "unsloth" and device != "cuda":
+            results.update({s: {"error": "skipped: Unsloth needs a CUDA GPU"} for s in mine})
+            continue
+        out = run_worker(kind, mine, args, model_dir, args.timeout)
+        for s in mine:
+            results[s] = out.get(s) or {"error": out.get("_error", "no result")}
+        if "_env" in out:
+            results["_env"] = out["_env"]
+        if "_checks" in out:
+            results["_checks"] = out["_checks"]
+    report(args, results, device, time.time() - started)
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def worker(args, stacks: list[str]):
+    import torch
+
+    out: dict = {}
+    save = lambda: Path(args.result).write_text(json.dumps(out, indent=1))  # noqa: E731  (partial results survive)
+    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    torch.manual_seed(0)
+    prompts = torch.randint(3, 200, (args.batch, args.prompt_len), device=device)
+    mask = torch.ones_like(prompts)
+    gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True,
+               temperature=args.temperature, top_k=0, top_p=1.0, eos_token_id=EOS, pad_token_id=PAD)
+    out["_env"] = environment(device)
+    save()
+    if args.worker == "unsloth":
+        import unsloth  # noqa: F401  (first: it patches transformers)
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(model_name=args.model_dir, max_seq_length=512,
+                                                     dtype=torch.bfloat16, load_in_4bit=True)
+        model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                 use_gradient_checkpointing="unsloth", random_state=0)
+        FastLanguageModel.for_inference(model)
+        out["unsloth"] = measure(lambda: hf_generate(model, prompts, mask, gen), args, device)
+        return save()
+
+    model, loader = load_policy(args.model_dir, device)
+    out["_env"]["loader"] = loader
+    for name in [s for s in stacks if s.startswith("engine")]:
+        out[name] = engine_stack(name, model, prompts, mask, gen, args, device, out)
+        save()
+    for name, extra in (("hf-4bit-dynamic", {}), ("hf-4bit-static", {"cache_implementation": "static"})):
+        if name in stacks:
+            model.eval()
+            out[name] = guarded(lambda: measure(lambda: hf_generate(model, prompts, mask, {**gen, **extra}),
+                                                args, device))
+            save()
+    if "hf-bf16-static" in stacks:
+        del model
+        free(device)
+        import transformers
+
+        bf16 = transformers.AutoModelForCausalLM.from_pretrained(
+            args.model_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device_map={"": device}).eval()
+        out["hf-bf16-static"] = guarded(lambda: measure(
+            lambda: hf_generate(bf16, prompts, mask, {**gen, "cache_implementation": "static"}), args, device))
+    save()
+
+
+def load_policy(model_dir, device):
+    """4-bit NF4 + LoRA r=16 on q,k,v,o through lessons_lib (falls back to transformers + peft, and says so)."""
+    import torch
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    try:
+        from lessons_lib import get_peft_model, load_model
+
+        model, _ = load_model(model_dir, max_seq_length=1024, dtype=dtype, load_in_4bit=True, device=device)
+        return get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
+                              verbose=False), "lessons_lib.load_model + get_peft_model"
+    except (ImportError, AttributeError, TypeError) as err:
+        import peft
+        import transformers
+
+        q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=dtype,
+                                                                  device_map={"": device})
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, target_modules=targets))
+        return model, f"transformers + peft (lessons_lib loader unavailable: {err!r:.200})"
+
+
+def engine_stack(name, model, prompts, mask, gen, args, device, out):
+    import torch
+
+    from lessons_lib.fast_generate import RolloutEngine
+
+    options = {"engine": dict(weights="dense"), "engine-lean": dict(weights="lean"),
+               "engine-eager": dict(weights="dense", cuda_graphs=False)}[name]
+
+    def body():
+        sync(device)
+        t0 = time.perf_counter()
+        engine = RolloutEngine(model, **options).build()
+        sync(device)
+        build_s = time.perf_counter() - t0
+        kw = {k: v for k, v in gen.items() if k != "do_sample"}
+        result = measure(lambda: engine.generate(prompts, mask, **kw).response_ids, args, device)
+        with torch.no_grad():  # a stand-in for a PPO update: every LoRA weight changes in place
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.add_(torch.randn_like(p) * 1e-3)
+        sync(device)
+        t0 = time.perf_counter()
+        refreshed = engine.refresh()
+        sync(device)
+        result.update(build_s=build_s, refresh_ms=1e3 * (time.perf_counter() - t0), refreshed_projections=refreshed,
+                      engine_memory=engine.memory())
+        if name == "engine":
+            out["_checks"] = logits_check(engine, model, prompts, device)
+        engine.release()
+        del engine
+        free(device)
+        return result
+
+    return guarded(body)
+
+
+def logits_check(engine, model, prompts, device) -> dict:
+    """Engine vs the 4-bit + LoRA model on 4 prompts + 8 forced tokens: how far apart are the logits?"""
+    import torch
+
+    ids, mask = prompts[:4], torch.ones_like(prompts[:4])
+    cont = torch.randint(3, 200, (4, 8), device=device)
+    ours = engine.forced_logits(ids, mask, cont)
+    with torch.no_grad():
+        full = torch.cat([ids, cont], 1)
+        ref = model(input_ids=full, attention_mask=torch.ones_like(full)).logits[:, ids.shape[1] - 1:-1].float()
+    return {"max_abs_logit_diff": float((ours - ref).abs().max()), "logit_std": float(ref.std()),
+            "argmax_agreement": float((ours.argmax(-1) == ref.argmax(-1)).float().mean())}
+
+
+def hf_generate(model, prompts, mask, gen):
+    out = model.generate(input_ids=prompts, attention_mask=mask, **gen)
+    return out[:, prompts.shape[1]:]
+
+
+def measure(call, args, device) -> dict:
+    """One warm-up call, then `runs` timed calls; checks that every row produced all new tokens."""
+    import torch
+
+    if device == "cuda":
+        free(device)
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    tokens = call()
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    if tuple(tokens.shape) != (args.batch, args.new_tokens):
+        raise RuntimeError(f"expected {args.batch} x {args.new_tokens} new tokens, got {tuple(tokens.shape)}")
+    rates = []
+    for _ in range(args.runs):
+        sync(device)
+        t0 = time.perf_counter()
+        tokens = call()
+        sync(device)
+        rates.append(tokens.numel() / (time.perf_counter() - t0))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    return {"tokens_per_s": statistics.median(rates), "runs": rates, "warmup_s": warmup_s, "peak_gib": peak,
+            "ms_per_step": 1e3 * args.batch / statistics.median(rates)}
+
+
+def guarded(fn) -> dict:
+    try:
+        return fn()
+    except Exception as err:  # one broken stack must not sink the others
+        import traceback
+
+        return {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
+
+
+def sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device):
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def environment(device) -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+           "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
+    for pkg in ("transformers", "peft", "bitsandbytes", "triton", "unsloth"):
+        try:
+            from importlib.metadata import version
+
+            env[pkg] = version(pkg)
+        except Exception:
+            env[pkg] = None
+    return env
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def report(args, results: dict, device: str, elapsed: float):
+    env, checks = results.pop("_env", {}), results.pop("_checks", None)
+    base = results.get("unsloth", {}).get("tokens_per_s") or results.get("hf-4bit-dynamic", {}).get("tokens_per_s")
+    base_name = "Unsloth" if results.get("unsloth", {}).get("tokens_per_s") else "HF 4-bit dynamic"
+    rows = []
+    for name, r in results.items():
+        if "tokens_per_s" in r:
+            runs, peak = r["runs"], "" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+            ratio = f"{r['tokens_per_s'] / base:.1f}×" if base else ""
+            rows.append(f"| {name} | {STACKS[name][1]} | {r['tokens_per_s']:,.0f} | {min(runs):,.0f}–{max(runs):,.0f} "
+                        f"| {r['ms_per_step']:.2f} | {peak} | {ratio} |")
+        else:
+            rows.append(f"| {name} | {STACKS[name][1]} | failed: {r.get('error', '?')[:150]} | | | | |")
+    header = ["| stack | what | new tokens/s (median) | runs | ms/step | peak GiB | vs " + base_name + " |",
+              "|---|---|---|---|---|---|---|"]
+    extras = []
+    for name in ("engine", "engine-lean", "engine-eager"):
+        r = results.get(name, {})
+        if "build_s" in r:
+            m = r["engine_memory"]
+            extras.append(f"- {name}: build {r['build_s']:.2f} s, refresh after a LoRA update {r['refresh_ms']:.1f} ms "
+                          f"({r['refreshed_projections']} projections), engine weights {m['weights'] / 2**30:.2f} GiB, "
+                          f"scratch {m['scratch'] / 2**30:.3f} GiB, KV cache {m['kv_cache'] / 2**30:.3f} GiB, "
+                          f"warm-up call {r['warmup_s']:.1f} s")
+    if checks:
+        extras.append(f"- engine vs the 4-bit + LoRA model (4 prompts, 8 forced tokens): max |logit diff| "
+                      f"{checks['max_abs_logit_diff']:.3g} (logit std {checks['logit_std']:.3g}), argmax agreement "
+                      f"{checks['argmax_agreement']:.3f}")
+    command = "python3 benchmarks/rollout.py " + " ".join(sys.argv[1:])
+    date = datetime.datetime.now().isoformat(timespec="seconds")
+    md = "\n".join([
+        f"# Rollout benchmark{' (quick, CPU, tiny config: tests the script, not a measurement)' if args.quick else ''}",
+        "", f"`{command}` on {date}, {env.get('device')} ({env.get('cpu_count')} CPUs); torch {env.get('torch')}, "
+        f"transformers {env.get('transformers')}, peft {env.get('peft')}, bitsandbytes {env.get('bitsandbytes')}, "
+        f"unsloth {env.get('unsloth')}. Policy loaded with {env.get('loader')}.", "",
+        f"{args.batch} prompts x {args.prompt_len} tokens -> {args.new_tokens} new tokens each (min_new_tokens = "
+        f"max_new_tokens: EOS suppressed in every stack), sampling T={args.temperature}, top_k=0, top_p=1. "
+        f"One warm-up call per stack (not timed), median of {args.runs} timed calls. Peak GiB: "
+        "max_memory_allocated over the stack's calls, model included.", "", *header, *rows, "", *extras,
+        "", f"Whole script: {elapsed:.0f} s.", ""])
+    print("\n" + md)
+    out = Path(args.out or REPO / "benchmarks" / "results" / ("rollout-quick" if args.quick else "rollout"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(md)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "date": date, "env": env, "config": {
+        "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "temperature": args.temperature, "runs": args.runs, "quick": args.quick}, "results": results,
+        "checks": checks, "elapsed_s": elapsed}, indent=1))
+    print(f"wrote {out.with_suffix('.md')} and .json")
+
+
+if __name__ == "__main__":
+    main()
