@@ -64,10 +64,10 @@ def test_dataloader_batches_follow_the_article(tok):
     assert len(batch["input_ids"]) == 8 and batch.get("score") is not None and "family" in batch
     from lessons_lib.data import chat_prompt
 
-    expected = tok(chat_prompt(tok, batch["query"][0]), add_special_tokens=False)["input_ids"]
+    expected = tok(chat_prompt(tok, batch["instruction"][0]), add_special_tokens=False)["input_ids"]
     assert batch["input_ids"][0].tolist() == expected
     lean = trainer_for(tok, remove_unused_columns=True)
-    assert set(next(iter(lean.dataloader))) == {"input_ids", "query", "prompt_id"}
+    assert set(next(iter(lean.dataloader))) == {"input_ids", "instruction", "query", "prompt_id"}
 
 
 def test_generate_shapes_and_eos_truncation(tok):
@@ -207,7 +207,7 @@ def test_reward_model_kinds_and_hybrid(tok, tmp_path):
     hybrid = trainer.compute_reward(responses=responses, queries=batch["input_ids"])
     rm_part = trainer.last_reward_parts["reward_model"]
     texts = tok.batch_decode(responses, skip_special_tokens=True)
-    rules = torch.tensor([letter_reward(p, r) for p, r in zip(batch["query"], texts)])
+    rules = torch.tensor([letter_reward(p, r) for p, r in zip(batch["instruction"], texts)])
     torch.testing.assert_close(hybrid, rm_part + 2.0 * rules)
     for kind in (str(tmp_path / "rm"), batch_letter_reward):
         other = trainer_for(tok, reward_model=kind, reward_fns=())

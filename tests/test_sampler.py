@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from lessons_lib.data import chat_prompt
 from lessons_lib.ppo import DifficultySampler, PromptLoader
+from lessons_lib.ppo.sampler import prepare_prompts
 from test_ppo_helpers import make_dataset, make_tokenizer
 
 
@@ -83,20 +85,23 @@ def test_state_round_trip_continues_identically():
 
 def test_prompt_loader_batches_and_streaming():
     tok = make_tokenizer()
-    ds = make_dataset(24)
+    ds = prepare_prompts(make_dataset(24), tok)
     sampler = DifficultySampler(len(ds), 8, seed=0)
     seen = []
-    loader = PromptLoader(ds, tok, 8, sampler, on_batch=seen.append)
+    loader = PromptLoader(ds, 8, sampler, on_batch=seen.append)
     assert len(loader) == 3
     it = iter(loader)
     first = next(it)
     assert set(first) == {"input_ids", "query", "prompt_id", "instruction", "score", "family"}
-    assert first["query"] == [ds[i]["instruction"] for i in first["prompt_id"]]
+    assert first["instruction"] == [ds[i]["instruction"] for i in first["prompt_id"]]
+    assert first["input_ids"][0].tolist() == tok(chat_prompt(tok, first["instruction"][0]),
+                                                 add_special_tokens=False)["input_ids"]
     rest = list(loader)                  # a new loop continues the unfinished epoch
     assert len(rest) == 2 and len(seen) == 3
     assert sorted(sum([b["prompt_id"] for b in [first, *rest]], [])) == list(range(24))
     assert len(list(loader)) == 3        # then a full new epoch
-    with pytest.raises(ValueError, match="instruction"):
-        PromptLoader(ds.rename_column("instruction", "text"), tok, 8, sampler)
+    with pytest.raises(ValueError, match="input_ids"):
+        PromptLoader(make_dataset(24), 8, sampler)
+    assert prepare_prompts([{"prompt": "name two cats"}] * 3, tok).column_names == ["prompt", "query", "input_ids"]
     with pytest.raises(ValueError, match="fewer than one batch"):
         DifficultySampler(4, 8)

@@ -42,9 +42,11 @@ class PPOConfig:
     ppo_epochs: int = 4
     """Passes over each rollout batch, in a fresh random order each time."""
     remove_unused_columns: bool = False
-    """True: batches carry only input_ids, query and prompt_id. False: every dataset column is kept (e.g. `score`)."""
+    """True: batches carry only input_ids, instruction, query and prompt_id. False: every dataset column is kept."""
 
     # ------------------------------------------------------------------ rollout
+    max_prompt_length: int = 512
+    """Prompts longer than this many tokens are dropped from the dataset, with a warning (a cut would cut the template)."""
     temperature: float = 0.7
     """Sampling temperature; log-probs are computed from logits / temperature so they match the sampler."""
     max_new_tokens: int = 128

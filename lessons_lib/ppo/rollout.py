@@ -14,6 +14,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from lessons_lib.data import left_pad
+
 from .core import entropy_from_logits, logprobs_from_logits
 
 # Sampling options that would make the sampled distribution differ from softmax(logits / temperature), which is
@@ -46,21 +48,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 # --------------------------------------------------------------------------------------------- padding
 
 
-def pad_left(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 1-D token tensors, left-padded: returns (ids, mask), both (B, Tq). Queries are left-padded so that
-    every response starts at the same column ([N], "pad with a special padding token")."""
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, length - len(s):] = s
-            mask[i, length - len(s):] = 1
-    return ids, mask
+pad_left = left_pad   # (B, Tq) left padding lives in lessons_lib.data; kept under this name for its callers
 
 
 def pad_right(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 1-D token tensors, right-padded: returns (ids, mask), both (B, Tr)."""
+    """Stack 1-D token tensors, right-padded: returns (ids, mask), both (B, Tr). (Queries are left-padded with
+    `lessons_lib.data.left_pad`, so that every response starts in the same column [N].)"""
     length = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
@@ -123,7 +116,7 @@ def sample_responses(model, queries: list[torch.Tensor], kwargs: dict, chunk_siz
     model.eval()
     try:
         for start in range(0, len(queries), chunk_size):
-            ids, mask = pad_left(queries[start:start + chunk_size], pad_id)                # (b, Tq)
+            ids, mask = left_pad(queries[start:start + chunk_size], pad_id)                # (b, Tq)
             bar = tqdm(total=kwargs["max_new_tokens"], desc=f"rollout {start + len(ids)}/{len(queries)}",
                        unit="tok", leave=False, disable=not progress)
             with bar:

@@ -1,9 +1,9 @@
 """Prompt batches for PPO, and dynamic difficulty (lesson 08; the article's section 5.2).
 
 `trainer.dataloader` is a `PromptLoader`: iterate it for batches of `batch_size` prompts, each batch a dict with
-`input_ids` (a list of 1-D tensors: the chat-formatted prompt, ready to be left-padded), `query` (the raw
-instruction, for rewards and logs), `prompt_id` (the dataset row) and, unless `remove_unused_columns`, every
-other column of the dataset (e.g. `score`, or a task family).
+`input_ids` (a list of 1-D tensors: the chat-formatted prompt, ready to be left-padded), `instruction` (the raw
+instruction, for rewards and logs), `query` (the prompt text), `prompt_id` (the dataset row) and, unless
+`remove_unused_columns`, every other column of the dataset (e.g. `score`, or a task family).
 
 `trainer.dataloader.sampler` is a `DifficultySampler`. After each `step()` the trainer records, per prompt, an
 exponential moving average of the reward and of the per-token entropy of its responses. Then
@@ -25,7 +25,7 @@ import torch
 
 DIFFICULTIES = ("easy", "medium", "hard", "all")
 STRATEGIES = ("entropy_based", "reward_based")
-PROMPT_COLUMNS = ("instruction", "prompt", "query")
+PROMPT_COLUMNS = ("instruction", "prompt")
 
 
 class DifficultySampler:
@@ -132,46 +132,45 @@ class DifficultySampler:
         self._order, self._batches_done = list(state["order"]), int(state["batches_done"])
 
 
+def prepare_prompts(dataset, tokenizer, max_prompt_length: int = 512):
+    """The dataset with `input_ids` (chat-formatted prompt tokens, through `lessons_lib.data.tokenize_prompts`)
+    unless it has them already. A list of dicts is turned into a `datasets.Dataset` first."""
+    from datasets import Dataset
+
+    from lessons_lib.data import tokenize_prompts
+
+    if isinstance(dataset, (list, tuple)):
+        dataset = Dataset.from_list(list(dataset))
+    if "input_ids" in dataset.column_names:
+        return dataset
+    return tokenize_prompts(dataset, tokenizer, max_prompt_length)
+
+
 class PromptLoader:
-    """Batches of chat-formatted prompts over a dataset of instructions (see the module docstring)."""
+    """Batches of chat-formatted prompts over a tokenized dataset (see the module docstring and `prepare_prompts`)."""
 
-    def __init__(self, dataset, tokenizer, batch_size: int, sampler: DifficultySampler,
-                 remove_unused_columns: bool = False, on_batch=None):
-        from lessons_lib.data import chat_prompt
-
-        self.dataset, self.tokenizer, self.batch_size, self.sampler = dataset, tokenizer, batch_size, sampler
+    def __init__(self, dataset, batch_size: int, sampler: DifficultySampler, remove_unused_columns: bool = False,
+                 on_batch=None):
+        self.dataset, self.batch_size, self.sampler = dataset, batch_size, sampler
         self.remove_unused_columns, self.on_batch = remove_unused_columns, on_batch
-        columns = list(dataset.column_names) if hasattr(dataset, "column_names") else list(dataset[0].keys())
+        columns = dataset.column_names
+        if "input_ids" not in columns:
+            raise ValueError(f"PromptLoader: the dataset needs input_ids (see prepare_prompts); it has {columns}")
         self.prompt_column = next((c for c in PROMPT_COLUMNS if c in columns), None)
-        if self.prompt_column is None and "input_ids" not in columns:
-            raise ValueError(f"PromptLoader: the dataset needs one of the columns {PROMPT_COLUMNS} (or input_ids); "
-                             f"it has {columns}")
-        self._chat_prompt = chat_prompt
-        self._encoded: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def encode(self, row: dict, index: int) -> torch.Tensor:
-        """The prompt's token ids, 1-D: the chat template applied to the instruction (cached per row)."""
-        if index not in self._encoded:
-            if "input_ids" in row:
-                ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
-            else:
-                text = self._chat_prompt(self.tokenizer, row[self.prompt_column])
-                ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-            self._encoded[index] = ids
-        return self._encoded[index]
-
     def collate(self, indices: list[int]) -> dict:
         rows = [self.dataset[i] for i in indices]
-        batch = {"input_ids": [self.encode(r, i) for r, i in zip(rows, indices)],
-                 "query": [r.get(self.prompt_column, "") if self.prompt_column else "" for r in rows],
+        batch = {"input_ids": [torch.tensor(r["input_ids"], dtype=torch.long) for r in rows],
+                 "instruction": [r[self.prompt_column] if self.prompt_column else "" for r in rows],
                  "prompt_id": list(indices)}
-        if not self.remove_unused_columns:
-            for key in rows[0]:
-                if key not in batch and key != "input_ids":
-                    batch[key] = [r[key] for r in rows]
+        keep = [k for k in rows[0] if k not in batch]
+        if self.remove_unused_columns:
+            keep = [k for k in keep if k == "query"]
+        for key in keep:
+            batch[key] = [r[key] for r in rows]
         if self.on_batch is not None:
             self.on_batch(batch)
         return batch

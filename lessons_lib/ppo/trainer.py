@@ -31,9 +31,11 @@ from torch import nn
 from .config import PPOConfig
 from .core import (AdaptiveKLController, FixedKLController, RunningMoments, compute_gae, compute_rewards,
                    explained_variance, masked_mean, masked_var, masked_whiten, policy_loss, value_loss)
-from .rollout import (ValueHead, critic_forward, pad_left, pad_right, policy_forward, reference_context,
+from lessons_lib.data import left_pad
+
+from .rollout import (ValueHead, critic_forward, pad_right, policy_forward, reference_context,
                       sample_responses, sampling_kwargs, truncate_after_eos)
-from .sampler import DifficultySampler, PromptLoader
+from .sampler import DifficultySampler, PromptLoader, prepare_prompts
 from .scoring import as_reward_fn, critic_source, to_scores
 
 
@@ -143,10 +145,11 @@ class PPOTrainer:
         self._warned: set = set()
         self.dataloader = None
         if dataset is not None:
+            dataset = prepare_prompts(dataset, tokenizer, config.max_prompt_length)
             sampler = DifficultySampler(len(dataset), config.batch_size, config.seed, config.difficulty_ema,
                                         config.difficulty_explore)
-            self.dataloader = PromptLoader(dataset, tokenizer, config.batch_size, sampler,
-                                           config.remove_unused_columns, on_batch=self._remember_batch)
+            self.dataloader = PromptLoader(dataset, config.batch_size, sampler, config.remove_unused_columns,
+                                           on_batch=self._remember_batch)
 
     # ------------------------------------------------------------------------------------------ construction
     def _reference(self, ref_model):
@@ -178,8 +181,8 @@ class PPOTrainer:
 
     def _remember_batch(self, batch: dict) -> None:
         """Map each prompt's token ids to its instruction and dataset row, for compute_reward and the sampler."""
-        self._queries = {tuple(ids.tolist()): {"query": q, "prompt_id": pid}
-                         for ids, q, pid in zip(batch["input_ids"], batch["query"], batch["prompt_id"])}
+        self._queries = {tuple(ids.tolist()): {"instruction": text, "prompt_id": pid}
+                         for ids, text, pid in zip(batch["input_ids"], batch["instruction"], batch["prompt_id"])}
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -215,7 +218,7 @@ class PPOTrainer:
         texts = []
         for q in queries:
             info = self._queries.get(tuple(q.tolist()))
-            texts.append(info["query"] if info else self.tokenizer.decode(q, skip_special_tokens=True))
+            texts.append(info["instruction"] if info else self.tokenizer.decode(q, skip_special_tokens=True))
         return texts
 
     def compute_reward(self, responses, queries, scores=None) -> torch.Tensor:
@@ -312,7 +315,7 @@ class PPOTrainer:
         empty = [i for i, (r, _) in enumerate(cut) if len(r) == 0]
         if empty:
             raise ValueError(f"step: response(s) {empty} are empty; every response needs at least one token")
-        q_ids, q_mask = pad_left([q.cpu() for q in queries], self.pad_id)            # (B, Tq)
+        q_ids, q_mask = left_pad([q.cpu() for q in queries], self.pad_id)            # (B, Tq)
         r_ids, r_mask = pad_right([r for r, _ in cut], self.pad_id)                  # (B, Tr)
         has_eos = torch.tensor([e for _, e in cut])
         d = self.device
