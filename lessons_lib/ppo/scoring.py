@@ -95,15 +95,17 @@ def as_reward_fn(reward_model, tokenizer):
                     f"or None; got {type(reward_model).__name__}")
 
 
-def critic_source(reward_model):
-    """The sequence-classification module inside `reward_model`, to warm-start a separate critic [N+]."""
-    for candidate in (reward_model, getattr(reward_model, "model", None),
-                      getattr(getattr(reward_model, "__self__", None), "model", None)):
-        if isinstance(candidate, nn.Module) and hasattr(candidate, "base_model_prefix"):
-            return candidate
+def critic_source(*reward_models):
+    """The sequence-classification module inside a reward model (the user's object, or the scorer built from a
+    path), to warm-start a separate critic [N+]."""
+    for reward_model in reward_models:
+        for candidate in (reward_model, getattr(reward_model, "model", None),
+                          getattr(getattr(reward_model, "__self__", None), "model", None)):
+            if isinstance(candidate, nn.Module) and hasattr(candidate, "base_model_prefix"):
+                return candidate.get_base_model() if hasattr(candidate, "get_base_model") else candidate
     raise ValueError("value_model='reward' warm-starts the critic from the reward model, so reward_model must be "
                      "(or wrap, as .model) a sequence-classification model; got "
-                     f"{type(reward_model).__name__}")
+                     f"{type(reward_models[0]).__name__}")
 
 
 def to_scores(values, batch_size: int, what: str) -> torch.Tensor:

@@ -48,8 +48,9 @@ def training_prompts(split: str = "sft"):
 
 
 def make_tiny_trainer(recipe: TinyRecipe | None = None, policy: str = "tiny-qwen2-sft",
-                      reward: str = "tiny-qwen2-reward", dataset=None):
-    """The policy (with LoRA adapters unless full fine-tuning), the reward model and a PPOTrainer over the prompts."""
+                      reward: str = "tiny-qwen2-reward", dataset=None, reward_fns=()):
+    """The policy (with LoRA adapters unless full fine-tuning), the reward model and a PPOTrainer over the prompts;
+    `reward_fns` are extra rule rewards `[(fn, weight), ...]` on top of the reward model (and the recipe's rule)."""
     from lessons_lib.models import get_peft_model, load_model
 
     recipe = recipe or TinyRecipe()
@@ -59,7 +60,7 @@ def make_tiny_trainer(recipe: TinyRecipe | None = None, policy: str = "tiny-qwen
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    reward_fns = []
+    reward_fns = list(reward_fns)
     if recipe.rule_weight:
         from lessons_lib.rewards_rules import rule_reward
 

@@ -164,7 +164,7 @@ class PPOTrainer:
     def _value_function(self, reward_model):
         if self.config.value_model == "head":
             return ValueHead(self.model.config.hidden_size).to(self.device), None
-        critic = copy.deepcopy(critic_source(reward_model)).to(self.device)
+        critic = copy.deepcopy(critic_source(reward_model, self.reward_fn)).to(self.device)
         if critic.config.vocab_size != self.model.config.vocab_size:
             raise ValueError("value_model='reward' needs a reward model that shares the policy's tokenizer")
         for p in critic.parameters():
