@@ -93,8 +93,11 @@ def generate(model, tokenizer, instructions: list[str], num_samples: int = 4, te
     prompts = [torch.tensor(tokenizer(chat_prompt(tokenizer, x), add_special_tokens=False)["input_ids"])
                for x in instructions]
     queries = [q for q in prompts for _ in range(k)]
-    kwargs = sampling_kwargs({"do_sample": not greedy, **({"temperature": None} if greedy else {})},
-                             temperature, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    if greedy:
+        kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "eos_token_id": tokenizer.eos_token_id,
+                  "pad_token_id": tokenizer.pad_token_id}
+    else:  # pure sampling at `temperature` (no top-k / top-p), as in PPO rollouts
+        kwargs = sampling_kwargs({}, temperature, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(seed)
     return queries, sample_responses(model, queries, kwargs, chunk_size=batch_size, progress=progress)
 

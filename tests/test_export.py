@@ -292,14 +292,22 @@ SYSTEM_LAST = ("{% for m in messages %}{% if m['role'] != 'system' %}[{{ m['role
                "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
 
 
-@pytest.mark.parametrize("template", ["chatml", LLAMA3, QWEN_DEFAULT_SYSTEM])
+# SmolLM2's template: a default system turn written inside the loop, and its BOS token is <|im_start|> itself
+SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>"
+           "system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+           "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", ["chatml", LLAMA3, QWEN_DEFAULT_SYSTEM, SMOLLM2])
 def test_chat_markers_reproduce_the_chat_template(folders, template):
     _, tokenizer = load_model(str(folders["qwen2"]), max_seq_length=256, load_in_4bit=False)
     tokenizer = copy.deepcopy(tokenizer)
     if template != "chatml":
         tokenizer.chat_template = template
-        tokenizer.bos_token = "<|endoftext|>"
+        tokenizer.bos_token = "<|im_start|>" if template == SMOLLM2 else "<|endoftext|>"
     markers = chat_markers(tokenizer)
+    assert markers.head == ("<|endoftext|>" if template == LLAMA3 else "")
     rng = np.random.default_rng(0)
     for _ in range(20):  # random conversations, with and without a system turn
         turns = [{"role": ("user", "assistant")[i % 2], "content": f"msg {rng.integers(1000)}\nline"}
@@ -311,8 +319,8 @@ def test_chat_markers_reproduce_the_chat_template(folders, template):
     text = modelfile_text(tokenizer, "./model-f16.gguf")
     assert text.splitlines()[1] == "FROM ./model-f16.gguf" and "{{ .Content }}" in text
     assert f'PARAMETER stop "{tokenizer.eos_token}"' in text
-    if template == QWEN_DEFAULT_SYSTEM:
-        assert "{{ else }}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{{ end }}" in text
+    if template in (QWEN_DEFAULT_SYSTEM, SMOLLM2):
+        assert 'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ else }}<|im_start|>system\n' in text
 
 
 def test_modelfile_without_template_for_unusual_chat_templates(folders):

@@ -53,7 +53,7 @@ def chat_markers(tokenizer) -> ChatMarkers:
         opens[role], _, closes[role] = piece.partition(slot[role])
     head = ""
     bos = getattr(tokenizer, "bos_token", None)
-    if bos and opens["system"].startswith(bos):
+    if bos and opens["system"].startswith(bos) and not opens["user"].startswith(bos):  # once, not every turn
         head, opens["system"] = bos, opens["system"][len(bos):]
     without_system = _render(tokenizer, conversation[1:2])
     user_turn = opens["user"] + slot["user"] + closes["user"]
