@@ -6,6 +6,7 @@ Qwen2-1.5B shapes and the memory budget of the log-prob kernel.
 """
 
 import logging
+import sys
 
 import pytest
 import torch
@@ -13,9 +14,10 @@ import torch
 from lessons_lib.kernels import (
     INTERPRETED, apply_rope, logprobs_and_entropy, nf4_dequantize, rms_norm, selective_log_softmax, swiglu,
 )
-from lessons_lib.kernels.logprobs import LogprobsEntropyFunction
+from lessons_lib.kernels import _common
 from lessons_lib.kernels._common import use_triton
 from lessons_lib.kernels.checking import assert_close, check_against_reference, run
+from lessons_lib.kernels.logprobs import LogprobsEntropyFunction
 from lessons_lib.nf4 import dequantize_nf4, quantize_nf4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -23,6 +25,13 @@ if DEVICE == "cpu" and not INTERPRETED:
     pytest.skip("no GPU and the kernels were not defined under TRITON_INTERPRET=1", allow_module_level=True)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # tolerances: lessons_lib/kernels/checking.py
+
+
+@pytest.fixture(autouse=True)
+def _first_config_only(monkeypatch):
+    """On a GPU, autotuning every odd shape would compile every config dozens of times: use each launcher's first
+    config here; test_every_launch_config checks all the others, test_cuda_autotuned_path the tuner."""
+    monkeypatch.setattr(_common, "AUTOTUNE", False)
 
 
 # ------------------------------------------------------------------------------------------------ RMSNorm
@@ -298,3 +307,68 @@ def test_cuda_nf4_large():
     w = torch.randn(8960, 1536, device="cuda", dtype=torch.bfloat16) * 0.02
     packed, state = quantize_nf4(w, blocksize=64, double_quant=True)
     assert torch.equal(nf4_dequantize(packed, state, impl="triton"), dequantize_nf4(packed, state))
+
+
+def _config_cases():
+    """(launchers, a check going through them) per kernel: moderate bf16 shapes on a GPU, small in the interpreter."""
+    gpu = DEVICE == "cuda"
+    rows, hidden, inter, heads, V = (64, 1536, 8960, 12, 151936) if gpu else (5, 300, 333, 5, 9001)
+
+    def rms():
+        x = torch.randn(rows, hidden, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(hidden, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        check_against_reference("rms_norm", rms_norm, [x, w], [torch.randn_like(x)], torch.bfloat16)
+
+    def rope():
+        q, k, cos, sin = rope_inputs(2, heads, 2, rows, 128, torch.bfloat16)
+        check_against_reference("rope", apply_rope, [q, k, cos, sin], [torch.randn_like(q), torch.randn_like(k)],
+                                torch.bfloat16)
+
+    def glu():
+        g = torch.randn(rows, inter, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        u = torch.randn_like(g, requires_grad=True)
+        check_against_reference("swiglu", swiglu, [g, u], [torch.randn_like(g)], torch.bfloat16)
+
+    def logprobs():
+        logits = (3 * torch.randn(3, V, device=DEVICE)).to(torch.bfloat16).requires_grad_()
+        index = torch.randint(0, V, (3,), device=DEVICE)
+        g = torch.randn(3, device=DEVICE)
+        check_against_reference("logprobs", logprobs_and_entropy, [logits, index], [g, g], torch.bfloat16,
+                                output_tol=torch.float32)
+        base = logits.detach().clone().requires_grad_()
+        selective_log_softmax(base * 1, index, inplace_backward=True).backward(g)
+        expected = torch.func.grad(lambda x: (selective_log_softmax(x, index, impl="torch") * g).sum())(
+            logits.detach().float())
+        assert_close("in-place dlogits", base.grad, expected.to(torch.bfloat16), torch.bfloat16)
+
+    def nf4():
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            w = torch.randn(rows * 3, hidden + 1, device=DEVICE, dtype=dtype) * 0.02
+            packed, state = quantize_nf4(w, blocksize=64, double_quant=True)
+            assert torch.equal(nf4_dequantize(packed, state, impl="triton"), dequantize_nf4(packed, state))
+
+    module = lambda name: sys.modules[f"lessons_lib.kernels.{name}"]  # noqa: E731 (not the same-named functions)
+    return {
+        "rms_norm": ([module("rms_norm")._fwd, module("rms_norm")._bwd], rms),
+        "rope": ([module("rope")._rope], rope),
+        "swiglu": ([module("swiglu")._fwd, module("swiglu")._bwd], glu),
+        "logprobs": ([module("logprobs")._fwd, module("logprobs")._bwd, module("logprobs")._bwd_inplace], logprobs),
+        "nf4_dequantize": ([module("dequant")._dequantize], nf4),
+    }
+
+
+@pytest.mark.parametrize("kernel", ["rms_norm", "rope", "swiglu", "logprobs", "nf4_dequantize"])
+def test_every_launch_config(kernel):
+    """A GPU autotuner may pick any config of a launcher (block sizes, rows per program): each must be correct."""
+    launchers, run_check = _config_cases()[kernel]
+    for launcher in launchers:
+        for config in launcher.configs:
+            with launcher.using(config):
+                run_check()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["rms_norm", "rope", "swiglu", "logprobs", "nf4_dequantize"])
+def test_cuda_autotuned_path(kernel, monkeypatch):
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    _config_cases()[kernel][1]()

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
 
-from lessons_lib.kernels import INTERPRETED, is_patched, patch_model, unpatch_model
+from lessons_lib.kernels import INTERPRETED, _common, is_patched, patch_model, unpatch_model
 from lessons_lib.kernels.rms_norm import RMSNormFunction
 from lessons_lib.kernels.rope import RoPEFunction
 from lessons_lib.kernels.swiglu import SwiGLUFunction
@@ -19,6 +19,13 @@ from lessons_lib.kernels.swiglu import SwiGLUFunction
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not INTERPRETED:
     pytest.skip("no GPU and the kernels were not defined under TRITON_INTERPRET=1", allow_module_level=True)
+
+
+
+@pytest.fixture(autouse=True)
+def _first_config_only(monkeypatch):
+    monkeypatch.setattr(_common, "AUTOTUNE", False)  # no GPU autotuning in tests (tests/test_kernels.py says why)
+
 
 FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, modeling_qwen2),

@@ -6,11 +6,13 @@ Nothing here is a kernel. The three ideas a reader needs:
   `@triton.jit` runs, i.e. when `lessons_lib.kernels` is first imported). Then they run on CPU tensors, slowly.
 - `use_triton(impl, *tensors)` turns `impl="auto"|"triton"|"torch"` into a yes/no with a clear error when the
   Triton path cannot run. `auto` = Triton on CUDA tensors or in the interpreter, else the torch reference.
-- `tuned(kernel, configs, key)` autotunes over a few launch configs on a GPU; the interpreter cannot time
-  anything, so there it launches with the first config of the list.
+- `tuned(kernel, configs, key)` makes a `Launcher`: it autotunes over a few launch configs on a GPU; the
+  interpreter cannot time anything, so there it launches with the first config of the list.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -83,25 +85,45 @@ def multiprocessors(device: torch.device) -> int:
     return 1
 
 
-class _FirstConfig:
-    """`kernel[grid](...)` with the config's meta-parameters filled in (the interpreter's stand-in for autotune)."""
+AUTOTUNE = True  # False: every launch uses its first config (the GPU tests turn tuning off to save compile time)
 
-    def __init__(self, kernel, config):
-        self.kernel, self.meta = kernel, dict(config.kwargs)
+
+class Launcher:
+    """`launcher[grid](*args)` runs `kernel` with one of `configs` (meta-parameters such as block sizes + num_warps).
+
+    On a GPU it autotunes: the first launch for each distinct value of the `key` arguments (and dtypes) times every
+    config and keeps the fastest. The interpreter cannot time anything, so there (and when AUTOTUNE is False, or
+    inside `with launcher.using(config)`) one config is used: the first of the list, so put the one that is
+    cheapest to interpret (large blocks) first. Only tune kernels that are pure functions of their inputs: the
+    tuner launches them several times.
+    """
+
+    def __init__(self, kernel, configs: list, key: list[str]):
+        self.kernel, self.configs, self.key = kernel, configs, key
+        self._autotuner = None
+        self._forced = None
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **self.meta)
+        if INTERPRETED or not AUTOTUNE or self._forced is not None:
+            config = self._forced or self.configs[0]
+            options = {} if INTERPRETED else {"num_warps": config.num_warps}
+            return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **config.kwargs, **options)
+        if self._autotuner is None:
+            self._autotuner = triton.autotune(configs=self.configs, key=self.key)(self.kernel)
+        return self._autotuner[grid]
+
+    @contextlib.contextmanager
+    def using(self, config):
+        """Launch with `config` inside the block (tests run every config this way)."""
+        previous, self._forced = self._forced, config
+        try:
+            yield
+        finally:
+            self._forced = previous
 
 
-def tuned(kernel, configs: list, key: list[str]):
-    """Autotune `kernel` over `configs` on a GPU (once per distinct value of the `key` arguments).
-
-    In the interpreter the first config is used: put the one that is cheapest to interpret (large blocks) first.
-    Only tune kernels that are pure functions of their inputs: the tuner launches them several times.
-    """
-    if INTERPRETED or not HAS_TRITON:
-        return _FirstConfig(kernel, configs[0])
-    return triton.autotune(configs=configs, key=key)(kernel)
+def tuned(kernel, configs: list, key: list[str]) -> Launcher:
+    return Launcher(kernel, configs, key)
 
 
 def config(num_warps: int = 4, **meta):
@@ -113,7 +135,7 @@ def config(num_warps: int = 4, **meta):
 
 class _Config:
     def __init__(self, kwargs):
-        self.kwargs = kwargs
+        self.kwargs, self.num_warps = kwargs, 4
 
 
 def next_power_of_2(n: int) -> int:
