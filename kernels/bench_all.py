@@ -24,11 +24,14 @@ SCRIPTS = ["rms_norm", "rope", "swiglu", "logprobs", "nf4_dequantize"]
 TARGETS = {"rms_norm": 85, "rope": 85, "swiglu": 85, "logprobs": 85, "nf4_dequantize": 80}  # % of copy, docs
 
 
-def summary(all_rows, copy_gbps):
-    """One line per kernel and shape: ours (fwd+bwd, or fwd for NF4) against each baseline."""
+def summary(results):
+    """One line per kernel and shape: ours (fwd+bwd, or fwd for NF4) against each baseline of the same run.
+
+    results: {kernel: (rows, copy_gbps)}, as `bench.load_results()` reads them from kernels/results/*.json.
+    """
     lines = ["| kernel | shape | mode | ours ms | ours % of copy | target | eager / ours | compile / ours | "
              "liger or bnb / ours |", "|---|---|---|---|---|---|---|---|---|"]
-    for kernel, rows in all_rows.items():
+    for kernel, (rows, copy_gbps) in results.items():
         for r in rows:
             r.finish(copy_gbps)
         keys = sorted({(r.shape, r.mode) for r in rows if r.provider == "ours" and r.ms}, key=str)
@@ -39,8 +42,9 @@ def summary(all_rows, copy_gbps):
             ours = by["ours"]
             ratio = lambda name: f"{by[name].ms / ours.ms:.2f}x" if name in by and by[name].ms else "-"  # noqa: E731
             other = ratio("liger") if "liger" in by else ratio("bitsandbytes")
-            lines.append(f"| {kernel} | {shape} | {mode} | {ours.ms:.3f} | {ours.pct_copy:.0f}% | "
-                         f"{TARGETS[kernel]}% | {ratio('eager')} | {ratio('compile')} | {other} |")
+            pct = f"{ours.pct_copy:.0f}%" if ours.pct_copy is not None else "-"
+            lines.append(f"| {kernel} | {shape} | {mode} | {ours.ms:.3f} | {pct} | {TARGETS.get(kernel, '-')}% | "
+                         f"{ratio('eager')} | {ratio('compile')} | {other} |")
     return "\n".join(lines)
 
 
@@ -56,31 +60,32 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     scripts = {name: runpy.run_path(str(HERE / f"{name}.py"), run_name="bench_all") for name in names}
-    for name, ns in scripts.items():
-        ns["check"](device)
+    from lessons_lib.kernels import bench  # after the scripts: they find lessons_lib in the checkout if needed
+
+    with bench.no_autotune():  # the checks' many small shapes would each autotune (compile every config)
+        for name, ns in scripts.items():
+            ns["check"](device)
     if device == "cpu":
         print(f"all checks passed in {time.perf_counter() - start:.0f} s; timing skipped (no GPU)")
         return
 
-    from lessons_lib.kernels import bench
-
     copy_gbps = bench.copy_bandwidth()
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
-    all_rows = {}
     for name, ns in scripts.items():
         t0 = time.perf_counter()
         print(f"\n== {name}")
         result = ns["benchmark"](copy_gbps, args.quick)
         rows, notes = result if isinstance(result, tuple) else (result, "")
-        all_rows[name] = rows
         bench.write_results(ns["KERNEL"], rows, copy_gbps, ns["FORMULA"], notes)
         print(f"   ({time.perf_counter() - t0:.0f} s)")
-    text = summary(all_rows, copy_gbps)
+    # the summary covers every results file, so the suite can also be run in parts (--only)
+    text = summary(bench.load_results())
     info = bench.hardware()
-    header = [f"# Kernel summary ({info.get('gpu', '?')}, copy bandwidth {copy_gbps:.0f} GB/s in the same run)", "",
-              "- command: `python kernels/bench_all.py" + (" --quick" if args.quick else "") + "`",
+    header = [f"# Kernel summary ({info.get('gpu', '?')})", "",
+              "- command: `python kernels/bench_all.py" + (" --quick" if args.quick else "") + "` (and --only parts)",
               "- hardware: " + ", ".join(f"{k} {v}" for k, v in info.items()),
-              "- fwd+bwd for the four training kernels, fwd for NF4; the per-kernel files hold every row", ""]
+              "- fwd+bwd for the four training kernels, fwd for NF4; % of copy: against the copy bandwidth measured "
+              "in the same run as the row; the per-kernel files hold every row, the command and the date", ""]
     (bench.RESULTS_DIR / "summary.md").write_text("\n".join(header) + text + "\n")
     print("\n" + text)
     print(f"\nwrote {bench.RESULTS_DIR}/summary.md; total {time.perf_counter() - start:.0f} s")

@@ -160,7 +160,8 @@ def main():
         print(inspect.getsource(sys.modules["lessons_lib.kernels.logprobs"]))
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    check(device)
+    with bench.no_autotune():  # the checks' many small shapes would each autotune (compile every config)
+        check(device)
     if device == "cpu":
         print("timing skipped: no GPU here (the interpreter runs kernels in Python; its speed says nothing)")
         return

@@ -12,6 +12,7 @@ Results go to `kernels/results/<kernel>.md` (a table, the command, the date and 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import platform
@@ -44,6 +45,29 @@ class Row:
             self.gbps = self.bytes / (self.ms * 1e-3) / 1e9
             self.pct_copy = 100 * self.gbps / copy_gbps if copy_gbps else None
         return self
+
+
+def load_results(results_dir: Path = RESULTS_DIR) -> dict:
+    """{kernel: (rows, copy_gbps)} from every results/<kernel>.json (each file from its own run)."""
+    results = {}
+    for path in sorted(Path(results_dir).glob("*.json")):
+        data = json.loads(path.read_text())
+        rows = [Row(**{k: v for k, v in row.items()}) for row in data["rows"]]
+        results[data["kernel"]] = (rows, data["copy_gbps"])
+    return results
+
+
+@contextlib.contextmanager
+def no_autotune():
+    """Launch every kernel with its first config inside the block (a check on many small shapes would otherwise
+    autotune, i.e. compile every config, for each of them)."""
+    from . import _common
+
+    previous, _common.AUTOTUNE = _common.AUTOTUNE, False
+    try:
+        yield
+    finally:
+        _common.AUTOTUNE = previous
 
 
 def hardware() -> dict:
