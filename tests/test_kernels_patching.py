@@ -140,21 +140,31 @@ def test_patched_generation_and_gradient_checkpointing():
     unpatch_model(model)
 
 
+def rel_err(actual, expected):
+    return ((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
+
+
 @pytest.mark.cuda
 def test_cuda_qwen2_1p5b_config_bf16():
-    """The Qwen2-1.5B configuration (random weights, 4 of its 28 layers), bf16, LoRA: patched == unpatched."""
+    """The Qwen2-1.5B configuration (random weights, 4 of its 28 layers), bf16, LoRA r=16: the patched model is as
+    close to the fp32 truth as the unpatched bf16 model (logits and every LoRA gradient)."""
     config = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=4, num_attention_heads=12,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
                          rms_norm_eps=1e-6)
-    base = Qwen2ForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
-    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=16, target_modules=LORA_TARGETS,
-                                            init_lora_weights=False))
+    model = get_peft_model(Qwen2ForCausalLM(config).to("cuda"), LoraConfig(
+        r=16, lora_alpha=16, target_modules=LORA_TARGETS, init_lora_weights=False))
     ids = torch.randint(0, config.vocab_size, (2, 512), device="cuda")
+    true_logits, true_grads = logits_and_lora_grads(model, ids)  # fp32 (TF32 is off by default)
+    model.to(torch.bfloat16)
     logits, grads = logits_and_lora_grads(model, ids)
     assert patch_model(model) == {"rms_norm": 9, "swiglu": 4, "rope": 4}
     patched_logits, patched_grads = logits_and_lora_grads(model, ids)
     unpatch_model(model)
-    # bf16: the kernels round once where eager rounds after every op; differences compound over layers
-    assert_rel_close("logits", patched_logits, logits, 2e-2)
-    for name in grads:
-        assert_rel_close(name, patched_grads[name], grads[name], 5e-2)
+    # bf16 rounding differs (the kernels round once where eager rounds after every op) and compounds over layers:
+    # require the patched error to be within 2x the unpatched one (plus a floor), not a fixed tolerance (a wrong
+    # kernel is off by O(1); in the CPU interpreter, which truncates to bf16, this ratio was 1.3x, at worst 1.65x)
+    pairs = [("logits", patched_logits, logits, true_logits)]
+    pairs += [(n, patched_grads[n], grads[n], true_grads[n]) for n in true_grads]
+    for name, patched, eager, truth in pairs:
+        assert rel_err(patched, truth) <= 2 * rel_err(eager, truth) + 1e-3, (
+            f"{name}: patched bf16 error {rel_err(patched, truth):.2e}, eager bf16 {rel_err(eager, truth):.2e}")
