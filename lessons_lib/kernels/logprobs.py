@@ -143,7 +143,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         B, T, V = logits3.shape
         rows = B * T
         logprobs, lse = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(2))
-        entropy = torch.empty(rows if compute_entropy else 0, dtype=torch.float32, device=logits.device)
+        entropy = torch.empty_like(lse) if compute_entropy else lse  # (unused pointer when not computed)
         if rows > 0:
             _fwd[(rows,)](logits3, index3, logprobs, entropy, lse, T, V, *logits3.stride()[:2], *index3.stride(),
                           1.0 / temperature, COMPUTE_ENTROPY=compute_entropy)
