@@ -23,6 +23,8 @@ from lessons_lib.nf4 import dequantize_nf4, quantize_nf4
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not INTERPRETED:
     pytest.skip("no GPU and the kernels were not defined under TRITON_INTERPRET=1", allow_module_level=True)
+# On a GPU every test here runs compiled kernels on CUDA tensors: mark them all, so `pytest -m cuda` selects them.
+pytestmark = [pytest.mark.cuda] if DEVICE == "cuda" else []
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # tolerances: lessons_lib/kernels/checking.py
 

@@ -19,6 +19,8 @@ from lessons_lib.kernels.swiglu import SwiGLUFunction
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not INTERPRETED:
     pytest.skip("no GPU and the kernels were not defined under TRITON_INTERPRET=1", allow_module_level=True)
+# On a GPU every test here runs compiled kernels on CUDA tensors: mark them all, so `pytest -m cuda` selects them.
+pytestmark = [pytest.mark.cuda] if DEVICE == "cuda" else []
 
 
 
