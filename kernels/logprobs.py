@@ -128,7 +128,8 @@ def benchmark(copy_gbps, quick=False):
     lm_head = torch.randn(V, 1536, device="cuda", dtype=torch.bfloat16) * 0.02
     lines = ["Memory each version adds on top of the logits (logits = hidden @ lm_head.T already computed, bf16, "
              f"{N} x {V}; the backward continues into the matmul):", "",
-             "| provider | forward +MiB | forward + backward +MiB | fraction of eager (fwd / fwd+bwd) |", "|---|---|---|---|"]
+             "| provider | forward +MiB | forward + backward +MiB | fraction of eager (fwd / fwd+bwd) |",
+             "|---|---|---|---|"]
     memory = {}
     for name, fn in providers.items():
         def step(backward, fn=fn):

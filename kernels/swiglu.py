@@ -62,7 +62,8 @@ def minimal_bytes(M, N, e=2):
     return 8 * M * N * e
 
 
-FORMULA = "fwd+bwd = 8 M N e (fwd: read gate, up, write y; bwd: read dy, gate, up, write d gate, d up), e = 2; fwd = 3 M N e"
+FORMULA = ("fwd+bwd = 8 M N e (fwd: read gate, up, write y; bwd: read dy, gate, up, write d gate, d up), e = 2; "
+           "fwd = 3 M N e")
 
 
 # 5. Check

@@ -57,6 +57,16 @@ def test_rms_norm_mixed_dtypes_and_strided_rows():
     assert y.dtype == torch.float32 and dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
 
 
+def test_rms_norm_frozen_weight():
+    """LoRA freezes the norms: no weight gradient is computed, dx is unchanged."""
+    x = torch.randn(3, 7, 96, device=DEVICE, requires_grad=True)
+    w = torch.randn(96, device=DEVICE)  # requires_grad=False
+    dy = torch.randn_like(x)
+    check_against_reference("rms_norm", rms_norm, [x, w], [dy], torch.float32)
+    y = rms_norm(x, w, impl="triton")
+    assert torch.autograd.grad(y, [x], dy)[0].shape == x.shape
+
+
 # ------------------------------------------------------------------------------------------------ RoPE
 
 def rope_inputs(B, nh, nkv, T, hs, dtype, transposed=True, cos_batch=None):

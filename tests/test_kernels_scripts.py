@@ -19,7 +19,7 @@ KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
 
 
 def test_kernels_folder_is_not_a_package():
-    assert not (KERNELS_DIR / "__init__.py").exists(), "kernels/ must not be importable (bitsandbytes imports `kernels`)"
+    assert not (KERNELS_DIR / "__init__.py").exists(), "kernels/ must not be a package (bitsandbytes imports `kernels`)"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, run kernels/bench_all.py itself")

@@ -26,7 +26,9 @@ TOL = {
 
 
 def assert_close(name, actual, expected, dtype, extra_atol: float = 0.0) -> float:
-    """Raise AssertionError naming `name` unless actual ~ expected within TOL[dtype] (+ extra_atol). Returns max diff."""
+    """Raise AssertionError naming `name` unless actual ~ expected within TOL[dtype] (+ extra_atol).
+
+    Returns the max abs difference."""
     assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype}, reference {expected.dtype}"
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)}, reference {tuple(expected.shape)}"
     tol = dict(TOL[dtype], atol=TOL[dtype]["atol"] + extra_atol)

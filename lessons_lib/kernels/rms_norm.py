@@ -64,6 +64,7 @@ def _rms_norm_bwd_kernel(
     dy_ptr, x_ptr, w_ptr, rstd_ptr,  # inputs: dy, x (M, N); w (N,); rstd (M,) fp32
     dx_ptr, dw_partial_ptr,  # outputs: dx (M, N); dw_partial (>= number of programs, N) fp32
     M, N, stride_dy, stride_x, stride_dx,
+    HAS_DW: tl.constexpr,  # False when the weight is frozen (LoRA): no dw at all
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # used by the launcher's grid only (a tuning knob)
@@ -85,12 +86,14 @@ def _rms_norm_bwd_kernel(
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
 
         n = x * rstd[:, None]
-        dw += tl.sum(dy * n.to(x_ptr.dtype.element_ty).to(tl.float32), axis=0)  # the forward multiplied w by rounded n
+        if HAS_DW:  # the forward multiplied w by n rounded to x's dtype
+            dw += tl.sum(dy * n.to(x_ptr.dtype.element_ty).to(tl.float32), axis=0)
         dn = dy * w[None, :]
         dx = rstd[:, None] * (dn - n * (tl.sum(dn * n, axis=1) / N)[:, None])
         tl.store(dx_ptr + rows64 * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
-    tl.store(dw_partial_ptr + pid * N + cols, dw, mask=col_ok)
+    if HAS_DW:
+        tl.store(dw_partial_ptr + pid * N + cols, dw, mask=col_ok)
 
 
 # GPU candidates (autotuned per N); the first is what the interpreter runs: many rows per block = few Python steps.
@@ -137,11 +140,13 @@ class RMSNormFunction(torch.autograd.Function):
         sms = multiprocessors(x2.device)
         # grid-stride: a few programs per SM, never more than there are row blocks; each writes its dw row
         grid = lambda meta: (max(1, min(triton.cdiv(M, meta["BLOCK_M"]), sms * meta["PROGRAMS_PER_SM"])),)  # noqa
-        dw_partial = torch.zeros((max(1, min(M, sms * _MAX_PROGRAMS_PER_SM)), N), dtype=torch.float32,
-                                 device=x2.device)  # rows of programs that did not run stay 0
+        has_dw = ctx.needs_input_grad[1]
+        dw_partial = torch.zeros((max(1, min(M, sms * _MAX_PROGRAMS_PER_SM)) if has_dw else 1, N),
+                                 dtype=torch.float32, device=x2.device)  # rows of programs that did not run stay 0
         if M > 0:
-            _bwd[grid](dy2, x2, weight, rstd, dx, dw_partial, M, N, dy2.stride(0), x2.stride(0), dx.stride(0))
-        dw = dw_partial.sum(0).to(weight.dtype)
+            _bwd[grid](dy2, x2, weight, rstd, dx, dw_partial, M, N, dy2.stride(0), x2.stride(0), dx.stride(0),
+                       HAS_DW=has_dw)
+        dw = dw_partial.sum(0).to(weight.dtype) if has_dw else None
         return dx.view(ctx.x_shape), dw, None
 
 
