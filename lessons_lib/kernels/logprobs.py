@@ -140,6 +140,9 @@ class LogprobsEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, index, temperature: float, compute_entropy: bool, inplace_backward: bool):
         out_shape = index.shape
         logits3, index3 = _as_3d(logits, index)  # (B, T, V), (B, T)
+        if inplace_backward and logits3.data_ptr() != logits.data_ptr():
+            raise ValueError("inplace_backward=True needs logits whose (B, T, V) view is not a copy: unit stride "
+                             "along V, and leading dims that merge without a copy")
         B, T, V = logits3.shape
         rows = B * T
         logprobs, lse = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(2))
@@ -165,8 +168,6 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         has_dentropy = dentropy is not None
         dentropy = dentropy.reshape(-1).to(torch.float32).contiguous() if has_dentropy else dlogprobs
         if ctx.inplace_backward:
-            if logits3.data_ptr() != logits.data_ptr() or logits3.stride(-1) != logits.stride(-1):
-                raise RuntimeError("selective_log_softmax(inplace_backward=True) needs logits with unit stride along V")
             dlogits3, launcher = logits3, _bwd_inplace
         else:
             dlogits3, launcher = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device), _bwd
@@ -190,7 +191,7 @@ def _validate(op: str, logits, index, temperature):
         raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
     check_same_device(op, logits=logits, index=index)
     V = logits.shape[-1]
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= V):
+    if index.numel() and bool(((index < 0) | (index >= V)).any()):  # one device sync: a bad id must not be read
         raise ValueError(f"{op}: token ids must lie in [0, {V}); got min {int(index.min())}, max {int(index.max())}")
 
 
