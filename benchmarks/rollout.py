@@ -45,6 +45,7 @@ EOS, PAD = 1, 0
 STACKS = {
     "engine": ("main", "lessons_lib RolloutEngine: merged 16-bit copy, CUDA graph"),
     "engine-lean": ("main", "lessons_lib RolloutEngine: 4-bit kept, per-layer dequantize, CUDA graph"),
+    "engine-triton": ("main", "lessons_lib RolloutEngine: as `engine`, RMSNorm + RoPE from lessons_lib.kernels"),
     "engine-eager": ("main", "lessons_lib RolloutEngine: merged 16-bit copy, no CUDA graph"),
     "hf-4bit-dynamic": ("main", "transformers generate, 4-bit + LoRA, dynamic cache"),
     "hf-4bit-static": ("main", "transformers generate, 4-bit + LoRA, static cache"),
@@ -86,6 +87,8 @@ def run_worker(kind: str, stacks: list[str], args, model_dir: Path, timeout: int
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
            "--temperature", str(args.temperature)] + (["--quick"] if args.quick else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    if args.quick:  # on CPU the Triton kernels run only in the interpreter (set before they are defined)
+        env.setdefault("TRITON_INTERPRET", "1")
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
@@ -112,6 +115,8 @@ def main():
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--model-dir", default=None)
     p.add_argument("--out", default=None, help="results path without extension")
+    p.add_argument("--check", action="store_true", help="correctness table on small random models instead "
+                   "(engine vs transformers: logits, greedy tokens, sampling law), on the GPU if there is one")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=int, default=300, help="seconds per worker process")
@@ -127,6 +132,8 @@ def main():
         p.error(f"unknown stacks {unknown}; choose from {list(STACKS)}")
     if args.worker:
         return worker(args, stacks)
+    if args.check:
+        return check(args)
 
     import torch
 
@@ -237,6 +244,7 @@ def engine_stack(name, model, prompts, mask, gen, args, device, out):
     from lessons_lib.fast_generate import RolloutEngine
 
     options = {"engine": dict(weights="dense"), "engine-lean": dict(weights="lean"),
+               "engine-triton": dict(weights="dense", kernels="triton"),
                "engine-eager": dict(weights="dense", cuda_graphs=False)}[name]
 
     def body():
@@ -352,6 +360,107 @@ def environment(device) -> dict:
     return env
 
 
+# ------------------------------------------------------------------------------------------------ --check
+
+
+def check(args):
+    """Engine vs transformers on small random models with odd sizes: teacher-forced logits (fp32: error relative
+    to the logit scale; bf16: error against the fp32 model, next to transformers' own bf16 error), greedy tokens
+    (64 new tokens, left padding; in bf16 both sides round differently, so greedy paths part once two logits
+    are within rounding of each other), and the first sampled token's law (chi-square p-value, 20,000 draws,
+    T=0.7; under a correct sampler p is uniform on [0, 1])."""
+    import torch
+    import transformers
+
+    from lessons_lib.fast_generate import RolloutEngine
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    common = dict(rms_norm_eps=1e-5, initializer_range=0.2, max_position_embeddings=512)
+    models = {
+        "qwen2 (5 heads / 1 kv, tied, qkv bias)": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            hidden_size=40, intermediate_size=72, num_hidden_layers=3, num_attention_heads=5, num_key_value_heads=1,
+            vocab_size=97, tie_word_embeddings=True, **common)),
+        "llama (head_dim 12, biases, llama3 rope)": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=48, intermediate_size=100, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=12, vocab_size=89, attention_bias=True, mlp_bias=True, rope_parameters={
+                "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}, **common)),
+    }
+    rows = ["| model | variant | max logit error | greedy, 64 tokens: identical to generate (median) | "
+            "first-token chi-square p |",
+            "|---|---|---|---|---|"]
+    for name, make in models.items():
+        import peft
+
+        base = make().to(device).eval()
+        lora = peft.get_peft_model(make().to(device), peft.LoraConfig(r=4, lora_alpha=12, init_lora_weights=False,
+                                                                        target_modules=["q_proj", "v_proj", "o_proj"]))
+        V = base.config.vocab_size
+        ids = torch.randint(0, V, (8, 12), device=device)
+        mask = torch.ones_like(ids)
+        for i in range(8):
+            mask[i, : i % 5] = 0
+        cont = torch.randint(0, V, (8, 10), device=device)
+        bf16 = make().to(device)
+        bf16.load_state_dict(base.state_dict())
+        for variant, model in (("fp32", base), ("fp32 + LoRA", lora.eval()), ("bf16", bf16.to(torch.bfloat16).eval())):
+            truth = _forced(base if variant == "bf16" else model, ids, mask, cont)  # bf16: against the fp32 model
+            engine = RolloutEngine(model)
+            err = (engine.forced_logits(ids, mask, cont) - truth).abs().max().item()
+            scale = truth.abs().max().item()
+            if variant == "bf16":
+                hf_err = (_forced(model, ids, mask, cont) - truth).abs().max().item()
+                err_text = f"{err:.3g} vs fp32 model (transformers bf16: {hf_err:.3g})"
+            else:
+                err_text = f"{err:.2g} ({err / scale:.1g} of the logit scale {scale:.2g})"
+            kw = dict(do_sample=False, max_new_tokens=64, pad_token_id=0)
+            with torch.no_grad():
+                hf = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=None, **kw)[:, ids.shape[1]:]
+            ours = engine.generate(ids, mask, eos_token_id=[], **kw).response_ids
+            differ = ours != hf                                                      # (8, 64)
+            first_diff = torch.where(differ.any(1), differ.int().argmax(1), torch.full_like(differ[:, 0], 64,
+                                                                                            dtype=torch.long))
+            same = f"{int((~differ.any(1)).sum())}/8 rows; first difference at token {int(first_diff.median())}"
+            n, T = 20_000, 0.7
+            first = engine.generate(ids[:1].expand(n, -1), mask[:1].expand(n, -1), max_new_tokens=1, temperature=T,
+                                    eos_token_id=[]).response_ids[:, 0]
+            with torch.no_grad():
+                probs = _forced(model, ids[:1], mask[:1], cont[:1, :1])[0, 0].div(T).softmax(-1)
+            pval = _chi2(torch.bincount(first, minlength=V).cpu(), probs.cpu() * n)
+            rows.append(f"| {name} | {variant} | {err_text} | {same} | {pval:.2f} |")
+            print(rows[-1], flush=True)
+    env = environment(device)
+    md = "\n".join([f"# Rollout engine correctness ({device})", "",
+                    f"`python benchmarks/rollout.py --check` on {datetime.datetime.now().isoformat(timespec='seconds')}"
+                    f", {env['device']}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}.",
+                    "", check.__doc__.split("\n\n")[0].replace("\n   ", ""), "", *rows, ""])
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"rollout-check-{device}")
+    out.with_suffix(".md").write_text(md)
+    print(f"wrote {out.with_suffix('.md')}")
+
+
+def _forced(model, ids, mask, cont):
+    import torch
+
+    full = torch.cat([ids, cont], 1)
+    fmask = torch.cat([mask, torch.ones_like(cont)], 1)
+    with torch.no_grad():
+        out = model(input_ids=full, attention_mask=fmask, position_ids=(fmask.cumsum(1) - 1).clamp(min=0))
+    return out.logits[:, ids.shape[1] - 1:-1].float()
+
+
+def _chi2(observed, expected) -> float:
+    import torch
+
+    keep = expected >= 5
+    obs = torch.cat([observed[keep], observed[~keep].sum()[None]]).double()
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]]).double()
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    return float(torch.special.gammaincc(torch.tensor((len(exp) - 1) / 2, dtype=torch.float64), stat / 2))
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -371,7 +480,7 @@ def report(args, results: dict, device: str, elapsed: float):
     header = ["| stack | what | new tokens/s (median) | runs | ms/step | peak GiB | vs " + base_name + " |",
               "|---|---|---|---|---|---|---|"]
     extras = []
-    for name in ("engine", "engine-lean", "engine-eager"):
+    for name in ("engine", "engine-lean", "engine-triton", "engine-eager"):
         r = results.get(name, {})
         if "build_s" in r:
             m = r["engine_memory"]

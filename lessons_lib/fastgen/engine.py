@@ -85,6 +85,8 @@ class RolloutEngine:
         max_extra_memory: bytes the dense copies may take in "auto" (default: half the free GPU memory at build
             time; unlimited on CPU).
         cuda_graphs: capture the decode step in a CUDA graph (CUDA only).
+        kernels: "torch" (plain PyTorch ops) or "triton" (`lessons_lib.kernels` RMSNorm and RoPE: one kernel each
+            instead of two and four; on CPU only under TRITON_INTERPRET=1, slowly).
         prompt_bucket: prompts are left-padded to a multiple of this, so graphs are reused across batches.
         check_every: decode steps between two "all rows finished?" checks (each check synchronises).
         keep_weights: keep the dense copy, KV cache and graphs between calls (fast); False frees them after each
@@ -92,8 +94,8 @@ class RolloutEngine:
     """
 
     def __init__(self, model, *, dtype: torch.dtype | None = None, weights: str = "auto",
-                 max_extra_memory: int | None = None, cuda_graphs: bool = True, prompt_bucket: int = 32,
-                 check_every: int = 16, keep_weights: bool = True):
+                 max_extra_memory: int | None = None, cuda_graphs: bool = True, kernels: str = "torch",
+                 prompt_bucket: int = 32, check_every: int = 16, keep_weights: bool = True):
         if weights not in ("auto", "dense", "lean"):
             raise ValueError(f"weights must be 'auto', 'dense' or 'lean', got {weights!r}")
         self.model = model
@@ -104,6 +106,9 @@ class RolloutEngine:
         self.device, self.dtype = embed.device, dtype or embed.dtype
         self.weights, self.max_extra_memory = weights, max_extra_memory
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
+        self.kernels = kernels
         self.prompt_bucket, self.check_every, self.keep_weights = max(1, prompt_bucket), max(1, check_every), keep_weights
         self.generation_config = getattr(lm, "generation_config", None)
         self.decoder: Decoder | None = None
@@ -124,7 +129,7 @@ class RolloutEngine:
         """Read the model: lean everywhere first, then densify whole layers from the first while the budget lasts."""
         scratch = {}
         dec = Decoder(self.model, self.dtype, dense_layers=[self.weights == "dense"] * len(unwrap_causal_lm(
-            self.model).model.layers), scratch=scratch)
+            self.model).model.layers), scratch=scratch, kernels=self.kernels)
         if self.weights == "auto":
             left = self._budget()
             for layer in dec.layers:

@@ -78,7 +78,14 @@ class Layer:
 class Decoder:
     """Qwen2/Llama forward over the engine's projections and a static KV cache."""
 
-    def __init__(self, model, dtype: torch.dtype, dense_layers: list[bool], scratch: dict):
+    def __init__(self, model, dtype: torch.dtype, dense_layers: list[bool], scratch: dict, kernels: str = "torch"):
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
+        self.kernels = kernels
+        if kernels == "triton":  # lessons_lib.kernels: RMSNorm and q+k RoPE in one kernel each (lesson 07)
+            from lessons_lib import kernels as K
+
+            self._K = K
         lm = unwrap_causal_lm(model)
         inner, cfg = lm.model, lm.config
         for name in ("embed_tokens",):
@@ -111,33 +118,44 @@ class Decoder:
 
     # ------------------------------------------------------------------ pieces
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for integer positions (B, T): each (B, T, 1, hs), in fp32 then cast, as transformers does."""
+        """cos, sin for integer positions (B, T): each (B, T, hs), in fp32 then cast, as transformers does."""
         freqs = pos[..., None].float() * self.inv_freq                            # (B, T, hs/2)
         emb = torch.cat((freqs, freqs), dim=-1)                                    # (B, T, hs)
         cos, sin = emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
-        return cos.to(self.dtype)[:, :, None], sin.to(self.dtype)[:, :, None]
+        return cos.to(self.dtype), sin.to(self.dtype)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if self.kernels == "triton":
+            return self._K.rms_norm(x, weight, eps, impl="triton").to(x.dtype)
+        return rms_norm(x, weight, eps)
 
     def _qkv(self, layer: Layer, x: torch.Tensor, cos, sin):
-        """Normalise, project, rotate: x (B, T, H) -> q (B, T, nh, hs), k and v (B, T, nkv, hs)."""
+        """Normalise, project, rotate: x (B, T, H) -> q (B, nh, T, hs), k and v (B, nkv, T, hs) (views)."""
         B, T, H = x.shape
-        h = rms_norm(x, layer.ln1, layer.eps1).view(B * T, H)
+        h = self._norm(x, layer.ln1, layer.eps1).view(B * T, H)
         qkv = layer.qkv(h)                                                         # (B*T, (nh + 2 nkv) hs)
-        nqk = (self.nh + self.nkv) * self.hs
-        qk = apply_rope(qkv[:, :nqk].view(B, T, self.nh + self.nkv, self.hs), cos, sin)  # rotated together
-        v = qkv[:, nqk:].view(B, T, self.nkv, self.hs)
-        return qk[:, :, :self.nh], qk[:, :, self.nh:], v
+        nq, nqk = self.nh * self.hs, (self.nh + self.nkv) * self.hs
+        v = qkv[:, nqk:].view(B, T, self.nkv, self.hs).transpose(1, 2)
+        if self.kernels == "triton":
+            q = qkv[:, :nq].view(B, T, self.nh, self.hs).transpose(1, 2)
+            k = qkv[:, nq:nqk].view(B, T, self.nkv, self.hs).transpose(1, 2)
+            q, k = self._K.apply_rope(q, k, cos, sin, impl="triton")
+            return q, k, v
+        qk = apply_rope(qkv[:, :nqk].view(B, T, self.nh + self.nkv, self.hs), cos[:, :, None], sin[:, :, None])
+        qk = qk.transpose(1, 2)                                                    # (B, nh + nkv, T, hs), rotated
+        return qk[:, :self.nh], qk[:, self.nh:], v
 
     def _rest(self, layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, MLP, residual: attn (B, T, nh*hs) -> new x (B, T, H)."""
         B, T, H = x.shape
         x = x + layer.o(attn.reshape(B * T, -1)).view(B, T, H)
-        h = rms_norm(x, layer.ln2, layer.eps2).view(B * T, H)
+        h = self._norm(x, layer.ln2, layer.eps2).view(B * T, H)
         gate, up = layer.gate_up(h).split(layer.gate_up.sizes, dim=-1)             # 2 x (B*T, I)
         return x + layer.down(layer.act(gate) * up).view(B, T, H)
 
     def logits(self, x_last: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head for one position per row: (B, H) -> fp32 (B, V), as `generate` upcasts."""
-        return self.lm_head(rms_norm(x_last, self.norm, self.norm_eps)).float()
+        return self.lm_head(self._norm(x_last, self.norm, self.norm_eps)).float()
 
     # ------------------------------------------------------------------ the two passes
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, cache_k: list, cache_v: list) -> torch.Tensor:
@@ -151,7 +169,7 @@ class Decoder:
         allowed |= torch.eye(T, dtype=torch.bool, device=ids.device)               # padding sees itself: no NaN rows
         x = F.embedding(ids, self.embed).to(self.dtype)                            # (B, Tq, H)
         for i, layer in enumerate(self.layers):
-            q, k, v = (t.transpose(1, 2) for t in self._qkv(layer, x, cos, sin))  # (B, heads, Tq, hs)
+            q, k, v = self._qkv(layer, x, cos, sin)                               # (B, heads, Tq, hs)
             cache_k[i][:, :, :T] = k
             cache_v[i][:, :, :T] = v
             k, v = k.repeat_interleave(self.g, dim=1), v.repeat_interleave(self.g, dim=1)  # (B, nh, Tq, hs)
@@ -169,12 +187,12 @@ class Decoder:
         valid.index_fill_(1, col, True)
         bias = torch.zeros(B, Tc, device=valid.device, dtype=self.dtype)
         bias = bias.masked_fill(~valid, torch.finfo(self.dtype).min)[:, None, None, :]  # (B, 1, 1, Tc)
-        cos, sin = self.rope(pos[:, None])                                         # (B, 1, 1, hs)
+        cos, sin = self.rope(pos[:, None])                                         # (B, 1, hs)
         x = F.embedding(tok[:, None], self.embed).to(self.dtype)                   # (B, 1, H)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)                               # q (B, 1, nh, hs)
-            cache_k[i].index_copy_(2, col, k.transpose(1, 2))                      # (B, nkv, 1, hs) at column col
-            cache_v[i].index_copy_(2, col, v.transpose(1, 2))
+            q, k, v = self._qkv(layer, x, cos, sin)                               # q (B, nh, 1, hs)
+            cache_k[i].index_copy_(2, col, k)                                      # (B, nkv, 1, hs) at column col
+            cache_v[i].index_copy_(2, col, v)
             qg = q.reshape(B, self.nkv, self.g, self.hs)                           # query heads grouped by kv head
             scores = torch.add(bias, torch.matmul(qg, cache_k[i].transpose(-1, -2)), alpha=self.scale)
             probs = torch.softmax(scores, dim=-1)                                  # (B, nkv, g, Tc), fp32 inside
