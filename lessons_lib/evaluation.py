@@ -106,14 +106,15 @@ def generate(model, tokenizer, instructions: list[str], num_samples: int = 4, te
 def response_logprobs(model, queries, responses, temperature: float, pad_token_id: int,
                       batch_size: int = 64) -> list[np.ndarray]:
     """Per-token log-probs of each response under `model` at `temperature` (PPO's `policy_forward`)."""
-    from lessons_lib.ppo.rollout import pad_left, pad_right, policy_forward
+    from lessons_lib.data import left_pad
+    from lessons_lib.ppo.rollout import pad_right, policy_forward
 
     was_training = model.training
     model.eval()
     out = []
     try:
         for start in range(0, len(queries), batch_size):
-            q_ids, q_mask = pad_left(queries[start:start + batch_size], pad_token_id)      # (b, Tq)
+            q_ids, q_mask = left_pad(queries[start:start + batch_size], pad_token_id)      # (b, Tq)
             r_ids, r_mask = pad_right(responses[start:start + batch_size], pad_token_id)   # (b, Tr)
             device = next(model.parameters()).device
             logprobs, _, _ = policy_forward(model, q_ids.to(device), q_mask.to(device), r_ids.to(device),
