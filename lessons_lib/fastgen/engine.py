@@ -22,7 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from . import sampling
+from .inputs import left_padded, special_ids
 from .model import Decoder, unwrap_causal_lm
+from .refresh import ChangeTracker, build_decoder
 
 
 @dataclass
@@ -98,6 +100,8 @@ class RolloutEngine:
                  prompt_bucket: int = 32, check_every: int = 16, keep_weights: bool = True):
         if weights not in ("auto", "dense", "lean"):
             raise ValueError(f"weights must be 'auto', 'dense' or 'lean', got {weights!r}")
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
         self.model = model
         lm = unwrap_causal_lm(model)
         self.vocab_size = lm.lm_head.weight.shape[0] if not hasattr(lm.lm_head, "lora_A") else \
@@ -106,8 +110,6 @@ class RolloutEngine:
         self.device, self.dtype = embed.device, dtype or embed.dtype
         self.weights, self.max_extra_memory = weights, max_extra_memory
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        if kernels not in ("torch", "triton"):
-            raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
         self.kernels = kernels
         self.prompt_bucket, self.check_every, self.keep_weights = max(1, prompt_bucket), max(1, check_every), keep_weights
         self.generation_config = getattr(lm, "generation_config", None)
@@ -126,74 +128,14 @@ class RolloutEngine:
 
     @torch.no_grad()
     def build(self):
-        """Read the model: lean everywhere first, then densify whole layers from the first while the budget lasts."""
-        scratch = {}
-        dec = Decoder(self.model, self.dtype, dense_layers=[self.weights == "dense"] * len(unwrap_causal_lm(
-            self.model).model.layers), scratch=scratch, kernels=self.kernels)
-        if self.weights == "auto":
-            left = self._budget()
-            for layer in dec.layers:
-                cost = sum(p.dense_nbytes() for p in layer.projs if not p.dense)
-                if cost > left:
-                    break
-                for p in layer.projs:
-                    p.make_dense()
-                left -= cost
-        need = max((p.scratch_numel() for p in dec.projs), default=0)
-        if need:
-            scratch["buf"] = torch.empty(need, device=self.device, dtype=self.dtype)
-        self.decoder = dec
-        self._signatures = [self._signature(p) for p in dec.projs]
-        self._snapshots = [[t.detach().clone() for t in self._lora_tensors(p)] for p in dec.projs]
-        self._pointers = self._pointer_signature()
+        """Read the model into the engine's own form (`refresh.build_decoder`); forget workspaces and graphs."""
+        self.decoder = build_decoder(self.model, self.dtype, self.weights, self._budget(), self.kernels)
+        self._tracker = ChangeTracker(self.decoder)
         self._workspaces.clear()
         if self.cuda_graphs:
             self._pool = torch.cuda.graph_pool_handle()
         return self
 
-    @staticmethod
-    def _signature(proj) -> tuple:
-        return tuple(s.signature() for s in proj.sources)
-
-    def _pointer_signature(self) -> tuple:
-        """Addresses of the model tensors a captured graph reads directly (moving them invalidates the graphs)."""
-        dec = self.decoder
-        tensors = [dec.embed, dec.norm, *[t for layer in dec.layers for t in (layer.ln1, layer.ln2)]]
-        for p in dec.projs:
-            if not p.dense:
-                tensors += [s.packed if s.quantized else s.base.weight for s in p.sources]
-        return tuple(t.data_ptr() for t in tensors)
-
-    @staticmethod
-    def _lora_tensors(proj) -> list[torch.Tensor]:
-        return [t for s in proj.sources for lora in s.loras() for t in (lora.A, lora.B, lora.bias) if t is not None]
-
-    def _lora_changed(self) -> set[int]:
-        """Indices of projections whose LoRA tensors differ from the snapshot taken at their last refresh.
-
-        Version counters miss some in-place writes (fused AdamW, `torch.optim.AdamW(fused=True)`, does not bump
-        them), so LoRA tensors, which are small, are compared exactly: one foreach subtraction, one foreach max-norm,
-        one host sync for all of them.
-        """
-        owners, current, snapshot = [], [], []
-        for i, p in enumerate(self.decoder.projs):
-            tensors = self._lora_tensors(p)
-            if len(tensors) != len(self._snapshots[i]) or any(
-                    a.shape != b.shape or a.dtype != b.dtype for a, b in zip(tensors, self._snapshots[i])):
-                owners.append(i)  # a structural change: always stale
-                current.append(torch.ones(1, device=self.device))
-                snapshot.append(torch.zeros(1, device=self.device))
-                continue
-            owners += [i] * len(tensors)
-            current += tensors
-            snapshot += self._snapshots[i]
-        if not current:
-            return set()
-        diffs = torch._foreach_norm(torch._foreach_sub(current, snapshot), ord=float("inf"))
-        changed = (torch.stack([d.float() for d in diffs]) != 0).tolist()  # NaN != 0 counts as changed
-        return {i for i, c in zip(owners, changed) if c}
-
-    @torch.no_grad()
     def refresh(self, force: bool = False) -> int:
         """Re-read the projections whose weights or adapters changed since the last call (all with `force`).
 
@@ -206,18 +148,8 @@ class RolloutEngine:
         if self.decoder is None:
             self.build()
             return 0
-        stale_graphs = self._pointer_signature() != self._pointers
-        changed = self._lora_changed()
-        count = 0
-        for i, p in enumerate(self.decoder.projs):
-            sig = self._signature(p)
-            if force or i in changed or sig != self._signatures[i]:
-                stale_graphs |= p.refresh()
-                self._signatures[i] = sig
-                self._snapshots[i] = [t.detach().clone() for t in self._lora_tensors(p)]
-                count += 1
+        count, stale_graphs = self._tracker.refresh(force)
         if stale_graphs:
-            self._pointers = self._pointer_signature()
             for ws in self._workspaces.values():
                 ws.graphs.clear()
         self.refreshes += count
@@ -237,60 +169,11 @@ class RolloutEngine:
         return {"weights": sum(p.nbytes() for p in dec.projs),
                 "scratch": 0 if scratch is None else scratch.numel() * scratch.element_size(),
                 "kv_cache": sum(ws.nbytes() for ws in self._workspaces.values()),
-                "lora_snapshot": sum(t.numel() * t.element_size() for ts in self._snapshots for t in ts),
+                "lora_snapshot": self._tracker.nbytes(),
                 "dense_layers": sum(all(p.dense for p in layer.projs) for layer in dec.layers),
                 "layers": len(dec.layers)}
 
     # ------------------------------------------------------------------ inputs
-    def _special_ids(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
-        gc = self.generation_config
-        if eos_token_id is None:
-            eos_token_id = getattr(gc, "eos_token_id", None)
-        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if pad_token_id is None:
-            pad_token_id = getattr(gc, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = eos[0] if eos else 0
-        bad = [t for t in [*eos, pad_token_id] if not 0 <= int(t) < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad} are outside the vocabulary (size {self.vocab_size})")
-        return [int(t) for t in eos], int(pad_token_id)
-
-    def _prepare(self, input_ids, attention_mask, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded (ids, mask), both (B, Tq) with Tq a multiple of `prompt_bucket`, on the engine's device."""
-        if isinstance(input_ids, (list, tuple)):
-            rows = [torch.as_tensor(r, dtype=torch.long).flatten() for r in input_ids]
-            if attention_mask is not None:
-                raise ValueError("pass attention_mask only with a padded (B, Tq) tensor of input_ids")
-            width = max((len(r) for r in rows), default=0)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):
-                if len(r):
-                    ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
-        else:
-            ids = input_ids if input_ids.dim() == 2 else input_ids[None]
-            mask = torch.ones_like(ids) if attention_mask is None else attention_mask
-            mask = mask if mask.dim() == 2 else mask[None]
-            if mask.shape != ids.shape:
-                raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
-        if ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(f"empty batch of prompts: input_ids has shape {tuple(ids.shape)}")
-        mask = mask.to(torch.bool)
-        empty = (~mask.any(1)).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"prompts {empty} have no tokens (attention_mask all 0)")
-        holes = (mask[:, :-1] & ~mask[:, 1:]).any(1).nonzero().flatten().tolist()
-        if holes:
-            raise ValueError(f"prompts {holes} are not left-padded (a 0 follows a 1 in attention_mask); "
-                             "pad on the left, e.g. tokenizer.padding_side = 'left'")
-        B, Tq = ids.shape
-        extra = -Tq % self.prompt_bucket
-        if extra:  # more left padding: masked, so the outputs do not change, but shapes repeat across batches
-            ids = torch.cat([torch.full((B, extra), pad, dtype=ids.dtype, device=ids.device), ids], dim=1)
-            mask = torch.cat([torch.zeros((B, extra), dtype=torch.bool, device=mask.device), mask], dim=1)
-        return ids.to(self.device, torch.long), mask.to(self.device)
-
     def _workspace(self, B: int, Tc: int) -> _Workspace:
         key = (B, Tc)
         if key not in self._workspaces:
@@ -359,8 +242,8 @@ class RolloutEngine:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        eos, pad = self._special_ids(eos_token_id, pad_token_id)
-        ids, mask = self._prepare(input_ids, attention_mask, pad)
+        eos, pad = special_ids(eos_token_id, pad_token_id, self.generation_config, self.vocab_size)
+        ids, mask = left_padded(input_ids, attention_mask, pad, self.prompt_bucket, self.device)
         self.refresh()
         B, Tq = ids.shape
         Tc = Tq + max_new_tokens
@@ -410,7 +293,7 @@ class RolloutEngine:
         """Logits the engine computes for prompts followed by given tokens (teacher forcing), through the same
         prefill + decode path `generate` uses: (B, Tq), (B, Tq), (B, n) -> fp32 (B, n, V), where [:, t] predicts
         continuation[:, t]. For checking the engine against the model it copies."""
-        ids, mask = self._prepare(input_ids, attention_mask, pad=0)
+        ids, mask = left_padded(input_ids, attention_mask, 0, self.prompt_bucket, self.device)
         self.refresh()
         B, Tq = ids.shape
         n = continuation.shape[1]

@@ -231,7 +231,10 @@ class Proj:
             if self.weight is None:
                 self.weight = torch.empty(self.out_features, self.in_features, device=self.device, dtype=self.dtype)
             for s, a, b in zip(self.sources, rows, rows[1:]):
-                self.weight[a:b].copy_(s.merged_weight())  # one rounding from fp32
+                if s.loras():
+                    self.weight[a:b].copy_(s.merged_weight())  # one rounding from fp32
+                else:  # dequantize (or copy) straight into the copy: the same numbers, no fp32 detour
+                    s.base_into(self.weight[a:b])
                 if self.bias is not None:
                     self.bias[a:b].copy_(s.merged_bias(with_lora=True))
             return realloc
