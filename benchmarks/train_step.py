@@ -280,7 +280,8 @@ def main(argv=None):
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--model-dir", str(args.model_dir)]
         cmd += ["--quick"] if quick else []
         print(f"== {name}: {STACKS[name][0]}", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)  # offline: the GPU machine has no network
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
