@@ -23,11 +23,19 @@ def test_kernels_folder_is_not_a_package():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, run kernels/bench_all.py itself")
-def test_bench_all_checks_pass_on_cpu():
-    out = subprocess.run([sys.executable, str(KERNELS_DIR / "bench_all.py")], capture_output=True, text=True,
-                         timeout=600)
+def test_bench_all_runs_the_checks_on_cpu():
+    out = subprocess.run([sys.executable, str(KERNELS_DIR / "bench_all.py"), "--only", "swiglu"],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "all checks passed" in out.stdout and "timing skipped" in out.stdout
+
+
+@pytest.mark.parametrize("script", ["rms_norm", "rope", "logprobs", "nf4_dequantize"])
+def test_script_checks_pass(script):
+    """Each walkthrough's check (first shape, three dtypes) runs and passes on this machine's device."""
+    namespace = runpy.run_path(str(KERNELS_DIR / f"{script}.py"), run_name="test")
+    with bench.no_autotune():
+        namespace["check"]("cuda" if torch.cuda.is_available() else "cpu", quick=True)
 
 
 def test_tables_summary_and_results_files(tmp_path):
