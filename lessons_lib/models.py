@@ -375,12 +375,14 @@ def count_parameters(model) -> tuple[int, int]:
 
 def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16, lora_dropout: float = 0.0,
                    bias: str = "none", use_rslora: bool = False, modules_to_save=None, init_lora_weights=True,
-                   verbose: bool = True, **kwargs):
+                   use_gradient_checkpointing=None, random_state: int | None = None, verbose: bool = True, **kwargs):
     """Attach LoRA adapters (through peft) and print the true trainable-parameter count.
 
     target_modules: default all attention and MLP projections of the architecture (DEFAULT_TARGET_MODULES),
         else peft's "all-linear". The base weights stay frozen; each target W gets W + (lora_alpha / r) * B A with
         A (r, in) random and B (out, r) zero, so the model is unchanged until the first update.
+    use_gradient_checkpointing: None keeps what load_model chose; True (or Unsloth's "unsloth") turns on
+        non-reentrant checkpointing, False turns it off. random_state: seeds the random init of A.
     Extra keyword arguments go to peft.LoraConfig. A model that already has adapters is returned unchanged.
     """
     from peft import LoraConfig, PeftModel, TaskType
@@ -401,6 +403,13 @@ def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16
                         bias=bias, use_rslora=use_rslora, modules_to_save=modules_to_save,
                         init_lora_weights=init_lora_weights,
                         task_type=TaskType.SEQ_CLS if is_classifier else TaskType.CAUSAL_LM, **kwargs)
+    if use_gradient_checkpointing is not None:
+        if use_gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+    if random_state is not None:
+        torch.manual_seed(random_state)
     peft_model = peft_get_peft_model(model, config)
     if hasattr(model, "max_seq_length"):
         peft_model.max_seq_length = model.max_seq_length

@@ -204,3 +204,14 @@ def test_causal_lm_loss_equals_the_transformers_loss_and_its_gradients(model_dir
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="no position has a label"):
         causal_lm_loss(peft_model, inputs["input_ids"], labels=torch.full_like(labels, -100))
+
+
+def test_unsloth_style_arguments(model_dirs):
+    """Code written for Unsloth passes use_gradient_checkpointing="unsloth" and random_state: both work here."""
+    weights = []
+    for _ in range(2):
+        model, _ = load_model(model_dirs["llama"], gradient_checkpointing=False)
+        peft_model = get_peft_model(model, r=4, use_gradient_checkpointing="unsloth", random_state=3407, verbose=False)
+        assert peft_model.is_gradient_checkpointing
+        weights.append(next(p for n, p in peft_model.named_parameters() if "lora_A" in n).detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
