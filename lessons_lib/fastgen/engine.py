@@ -85,7 +85,7 @@ class RolloutEngine:
         weights: "dense" (merged compute-dtype copy of every layer), "lean" (keep 4-bit weights, dequantize per
             layer each step; use plain weights in place), or "auto" (dense layers while `max_extra_memory` lasts).
         max_extra_memory: bytes the dense copies may take in "auto" (default: half the free GPU memory at build
-            time; unlimited on CPU).
+            time, at most a quarter of the GPU; unlimited on CPU).
         cuda_graphs: capture the decode step in a CUDA graph (CUDA only).
         kernels: "torch" (plain PyTorch ops) or "triton" (`lessons_lib.kernels` RMSNorm and RoPE: one kernel each
             instead of two and four; on CPU only under TRITON_INTERPRET=1, slowly).
@@ -114,6 +114,7 @@ class RolloutEngine:
         self.prompt_bucket, self.check_every, self.keep_weights = max(1, prompt_bucket), max(1, check_every), keep_weights
         self.generation_config = getattr(lm, "generation_config", None)
         self.decoder: Decoder | None = None
+        self._tracker: ChangeTracker | None = None
         self._workspaces: dict = {}
         self._pool = None
         self.refreshes = 0  # how many projections were re-read after the model changed (for tests and stats)
@@ -122,8 +123,9 @@ class RolloutEngine:
     def _budget(self) -> float:
         if self.max_extra_memory is not None:
             return float(self.max_extra_memory)
-        if self.device.type == "cuda":
-            return 0.5 * torch.cuda.mem_get_info(self.device)[0]
+        if self.device.type == "cuda":  # leave room for the PPO update that follows the rollout
+            free, total = torch.cuda.mem_get_info(self.device)
+            return min(0.5 * free, 0.25 * total)
         return math.inf
 
     @torch.no_grad()
@@ -155,9 +157,15 @@ class RolloutEngine:
         self.refreshes += count
         return count
 
+    def __repr__(self) -> str:
+        mem = self.memory()
+        return (f"RolloutEngine({type(unwrap_causal_lm(self.model)).__name__}, dtype={self.dtype}, weights="
+                f"{self.weights!r} ({mem['dense_layers']}/{mem['layers']} layers dense), cuda_graphs={self.cuda_graphs}, "
+                f"kernels={self.kernels!r}, holds {sum(v for k, v in mem.items() if 'layers' not in k) / 2**20:.1f} MiB)")
+
     def release(self):
         """Free the dense copy, KV caches and graphs (the next `generate` rebuilds them)."""
-        self.decoder, self._pool = None, None
+        self.decoder, self._tracker, self._pool = None, None, None
         self._workspaces.clear()
 
     def memory(self) -> dict:
