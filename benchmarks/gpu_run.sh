@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Everything measured on the GPU machine, in one call. Usage (from the repository root, on the GPU machine):
+#
+#   bash benchmarks/gpu_run.sh [STAGE ...]      stages: env cuda-tests kernels train rollout reward ppo scale7b scaling
+#
+# With two GPUs, stages run in two parallel lanes (one per GPU) so one call measures more. Every stage writes
+# under benchmarks/results/ or kernels/results/; at the end those folders and the logs are packed into
+# $OUT/results.tgz (the device tool brings back at most 8 files).
+# Wheels for what the GPU image lacks (bitsandbytes, liger-kernel, trl 1.12 + datasets, Unsloth and its
+# dependencies) travel in .whl/ (docs/GPU.md says how to fetch them). Unsloth patches transformers when it is
+# imported, so the benchmarks import it only in subprocesses of their own.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" logs
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || echo "wheel install failed"
+fi
+export PYTHONPATH=/tmp/site:$PWD
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+STAGES=${*:-env cuda-tests kernels train rollout reward}
+
+stage() {  # stage NAME GPU
+  local name=$1 gpu=$2 t0=$SECONDS
+  echo "=== [$name] on GPU $gpu: start $(date +%T)"
+  case $name in
+    env)        nvidia-smi; python3 -c "import torch,transformers,peft,triton; print(torch.__version__, transformers.__version__, peft.__version__, triton.__version__)"; python3 -m lessons_lib ;;
+    cuda-tests) CUDA_VISIBLE_DEVICES=$gpu python3 -m pytest -q -m cuda tests -p no:cacheprovider --continue-on-collection-errors -rs ;;
+    kernels)    CUDA_VISIBLE_DEVICES=$gpu python3 kernels/bench_all.py ;;
+    train)      CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/train_step.py ;;
+    rollout)    CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/rollout.py ;;
+    reward)     CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/reward_model_gpu.py ;;
+    ppo)        CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/ppo_iteration.py ;;
+    scale7b)    CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/ppo_memory.py ;;
+    scaling)    python3 benchmarks/scaling.py ;;
+    *)          echo "unknown stage $name" ;;
+  esac > "logs/$name.log" 2>&1
+  local rc=$?
+  echo "=== [$name] done in $((SECONDS - t0)) s (rc $rc)"; tail -n 25 "logs/$name.log"
+}
+
+if [ "$NGPU" -ge 2 ]; then
+  lane0=() lane1=(); i=0
+  for s in $STAGES; do if [ $((i % 2)) -eq 0 ]; then lane0+=("$s"); else lane1+=("$s"); fi; i=$((i + 1)); done
+  ( for s in "${lane0[@]}"; do stage "$s" 0; done ) > logs/lane0.txt 2>&1 &
+  ( for s in "${lane1[@]}"; do stage "$s" 1; done ) > logs/lane1.txt 2>&1 &
+  wait; cat logs/lane0.txt logs/lane1.txt
+else
+  for s in $STAGES; do stage "$s" 0; done
+fi
+tar czf "$OUT/results.tgz" benchmarks/results kernels/results logs 2>/dev/null
+ls -la "$OUT"
