@@ -36,9 +36,9 @@ def tiny(kind: str, dtype=torch.float32, init: float = 0.2):
                                        rope_theta=10000.0, **common)
         model = transformers.Qwen2ForCausalLM(cfg)
     elif kind == "llama":  # explicit head_dim 12 != hidden / heads, attention and MLP biases, llama3 RoPE scaling
-        cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, head_dim=12, vocab_size=89, tie_word_embeddings=False,
-                                       attention_bias=True, mlp_bias=True,
+        cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=100, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=12, vocab_size=89,
+                                       tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
                                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                         "original_max_position_embeddings": 16}, **common)
@@ -290,7 +290,7 @@ def test_sampler_frequencies_match_generate_warpers(top_k, top_p):
     counts = draw(logits, n, T, top_k, top_p)
     for row in range(3):
         p = chi2_pvalue(counts[row], expected[row] * n)
-        assert p > 1e-4, f"row {row}: counts {counts[row].tolist()} vs expected {(expected[row] * n).tolist()} (p={p:.2g})"
+        assert p > 1e-4, f"row {row}: {counts[row].tolist()} vs expected {(expected[row] * n).tolist()} (p={p:.2g})"
         assert (counts[row][expected[row] == 0] == 0).all(), "a filtered-out token was drawn"
     # the same test has the power to reject a wrong temperature
     wrong = logits.softmax(-1)

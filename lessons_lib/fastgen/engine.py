@@ -111,7 +111,8 @@ class RolloutEngine:
         self.weights, self.max_extra_memory = weights, max_extra_memory
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.kernels = kernels
-        self.prompt_bucket, self.check_every, self.keep_weights = max(1, prompt_bucket), max(1, check_every), keep_weights
+        self.prompt_bucket, self.check_every = max(1, prompt_bucket), max(1, check_every)
+        self.keep_weights = keep_weights
         self.generation_config = getattr(lm, "generation_config", None)
         self.decoder: Decoder | None = None
         self._tracker: ChangeTracker | None = None
@@ -159,9 +160,10 @@ class RolloutEngine:
 
     def __repr__(self) -> str:
         mem = self.memory()
+        held = sum(v for k, v in mem.items() if "layers" not in k) / 2**20
         return (f"RolloutEngine({type(unwrap_causal_lm(self.model)).__name__}, dtype={self.dtype}, weights="
-                f"{self.weights!r} ({mem['dense_layers']}/{mem['layers']} layers dense), cuda_graphs={self.cuda_graphs}, "
-                f"kernels={self.kernels!r}, holds {sum(v for k, v in mem.items() if 'layers' not in k) / 2**20:.1f} MiB)")
+                f"{self.weights!r} ({mem['dense_layers']}/{mem['layers']} layers dense), "
+                f"cuda_graphs={self.cuda_graphs}, kernels={self.kernels!r}, holds {held:.1f} MiB)")
 
     def release(self):
         """Free the dense copy, KV caches and graphs (the next `generate` rebuilds them)."""

@@ -67,7 +67,8 @@ class Layer:
                             dtype, dense, scratch)
         self.down = Proj([src(mlp.down_proj, "mlp.down_proj")], dtype, dense, scratch)
         self.ln1, self.eps1 = hf_layer.input_layernorm.weight, hf_layer.input_layernorm.variance_epsilon
-        self.ln2, self.eps2 = hf_layer.post_attention_layernorm.weight, hf_layer.post_attention_layernorm.variance_epsilon
+        post = hf_layer.post_attention_layernorm
+        self.ln2, self.eps2 = post.weight, post.variance_epsilon
         self.act = mlp.act_fn
 
     @property
