@@ -6,8 +6,9 @@ Nothing here is a kernel. The three ideas a reader needs:
   `@triton.jit` runs, i.e. when `lessons_lib.kernels` is first imported). Then they run on CPU tensors, slowly.
 - `use_triton(impl, *tensors)` turns `impl="auto"|"triton"|"torch"` into a yes/no with a clear error when the
   Triton path cannot run. `auto` = Triton on CUDA tensors or in the interpreter, else the torch reference.
-- `tuned(kernel, configs, key)` makes a `Launcher`: it autotunes over a few launch configs on a GPU; the
-  interpreter cannot time anything, so there it launches with the first config of the list.
+- `tuned(kernel, configs, key, interpreter=...)` makes a `Launcher`: it autotunes over a few launch configs on a
+  GPU; the interpreter cannot time anything, so there it launches with its own config (big blocks: few Python
+  steps). `python kernels/compile_check.py` compiles every config for a GPU, without one, and shows its registers.
 """
 
 from __future__ import annotations
@@ -85,27 +86,28 @@ def multiprocessors(device: torch.device) -> int:
     return 1
 
 
-AUTOTUNE = True  # False: every launch uses its first config (the GPU tests turn tuning off to save compile time)
+AUTOTUNE = True  # False: GPU launches use the first config (the GPU tests turn tuning off to save compile time)
 
 
 class Launcher:
     """`launcher[grid](*args)` runs `kernel` with one of `configs` (meta-parameters such as block sizes + num_warps).
 
     On a GPU it autotunes: the first launch for each distinct value of the `key` arguments (and dtypes) times every
-    config and keeps the fastest. The interpreter cannot time anything, so there (and when AUTOTUNE is False, or
-    inside `with launcher.using(config)`) one config is used: the first of the list, so put the one that is
-    cheapest to interpret (large blocks) first. Only tune kernels that are pure functions of their inputs: the
-    tuner launches them several times.
+    config and keeps the fastest; with AUTOTUNE off it uses the first config. The interpreter cannot time anything:
+    there it uses `interpreter`, the config cheapest to interpret (large blocks), or the first config.
+    `with launcher.using(config)` forces a config (tests run every one). Only tune kernels that are pure functions
+    of their inputs: the tuner launches them several times.
     """
 
-    def __init__(self, kernel, configs: list, key: list[str]):
+    def __init__(self, kernel, configs: list, key: list[str], interpreter=None):
         self.kernel, self.configs, self.key = kernel, configs, key
+        self.interpreter = interpreter or configs[0]
         self._autotuner = None
         self._forced = None
 
     def __getitem__(self, grid):
         if INTERPRETED or not AUTOTUNE or self._forced is not None:
-            config = self._forced or self.configs[0]
+            config = self._forced or (self.interpreter if INTERPRETED else self.configs[0])
             options = {} if INTERPRETED else {"num_warps": config.num_warps}
             return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **config.kwargs, **options)
         if self._autotuner is None:
@@ -122,8 +124,8 @@ class Launcher:
             self._forced = previous
 
 
-def tuned(kernel, configs: list, key: list[str]) -> Launcher:
-    return Launcher(kernel, configs, key)
+def tuned(kernel, configs: list, key: list[str], interpreter=None) -> Launcher:
+    return Launcher(kernel, configs, key, interpreter)
 
 
 def config(num_warps: int = 4, **meta):

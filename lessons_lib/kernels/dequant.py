@@ -66,9 +66,10 @@ def _nf4_dequantize_kernel(
     tl.store(out_ptr + i, values.to(out_ptr.dtype.element_ty), mask=i < n)
 
 
-_dequantize = tuned(_nf4_dequantize_kernel, key=[], configs=[
-    config(BLOCK=8192, num_warps=8), config(BLOCK=512, num_warps=4), config(BLOCK=1024, num_warps=4),
-    config(BLOCK=2048, num_warps=8), config(BLOCK=4096, num_warps=8)])
+# GPU candidates (bytes per program); the interpreter takes one big block.
+_dequantize = tuned(_nf4_dequantize_kernel, key=[], interpreter=config(BLOCK=8192), configs=[
+    config(BLOCK=1024, num_warps=4), config(BLOCK=512, num_warps=4), config(BLOCK=2048, num_warps=8),
+    config(BLOCK=4096, num_warps=8)])
 
 
 def nf4_dequantize(packed: torch.Tensor, state, impl: str = "auto") -> torch.Tensor:

@@ -111,13 +111,14 @@ def _logprobs_bwd_kernel(
         tl.store(dlogits_row + cols, (dz * inv_temperature).to(dlogits_ptr.dtype.element_ty), mask=valid)
 
 
-# GPU candidates, autotuned per V; the first (one big block) is what the interpreter runs.
+# GPU candidates, autotuned per V (the first is the default when tuning is off); the interpreter takes big blocks.
 _CONFIGS = [config(BLOCK_V=8192, num_warps=16), config(BLOCK_V=2048, num_warps=4), config(BLOCK_V=4096, num_warps=8),
             config(BLOCK_V=8192, num_warps=8), config(BLOCK_V=16384, num_warps=16), config(BLOCK_V=32768, num_warps=32)]
-_fwd = tuned(_logprobs_fwd_kernel, key=["V"], configs=_CONFIGS)
-_bwd = tuned(_logprobs_bwd_kernel, key=["V"], configs=_CONFIGS)
+_fwd = tuned(_logprobs_fwd_kernel, key=["V"], configs=_CONFIGS, interpreter=config(BLOCK_V=16384))
+_bwd = tuned(_logprobs_bwd_kernel, key=["V"], configs=_CONFIGS, interpreter=config(BLOCK_V=16384))
 # The tuner would run an in-place backward several times over its own output, so in place uses one fixed config.
-_bwd_inplace = tuned(_logprobs_bwd_kernel, key=["V"], configs=[config(BLOCK_V=8192, num_warps=16)])
+_bwd_inplace = tuned(_logprobs_bwd_kernel, key=["V"], configs=[config(BLOCK_V=8192, num_warps=16)],
+                     interpreter=config(BLOCK_V=16384))
 
 
 def _as_3d(logits: torch.Tensor, index: torch.Tensor):

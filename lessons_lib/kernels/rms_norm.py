@@ -96,15 +96,16 @@ def _rms_norm_bwd_kernel(
         tl.store(dw_partial_ptr + pid * N + cols, dw, mask=col_ok)
 
 
-# GPU candidates (autotuned per N); the first is what the interpreter runs: many rows per block = few Python steps.
-_fwd = tuned(_rms_norm_fwd_kernel, key=["N"], configs=[
-    config(BLOCK_M=16, num_warps=8), config(BLOCK_M=1, num_warps=4), config(BLOCK_M=2, num_warps=4),
-    config(BLOCK_M=2, num_warps=8), config(BLOCK_M=4, num_warps=8), config(BLOCK_M=8, num_warps=16)])
-_bwd = tuned(_rms_norm_bwd_kernel, key=["N"], configs=[  # more programs = more rows in flight, more partial dw rows
-    config(BLOCK_M=16, PROGRAMS_PER_SM=4, num_warps=8), config(BLOCK_M=1, PROGRAMS_PER_SM=8, num_warps=4),
-    config(BLOCK_M=2, PROGRAMS_PER_SM=8, num_warps=4), config(BLOCK_M=2, PROGRAMS_PER_SM=4, num_warps=8),
-    config(BLOCK_M=4, PROGRAMS_PER_SM=4, num_warps=8), config(BLOCK_M=4, PROGRAMS_PER_SM=2, num_warps=16),
-    config(BLOCK_M=8, PROGRAMS_PER_SM=1, num_warps=16)])
+# GPU candidates, autotuned per N (the first is the default when tuning is off). The interpreter runs many rows per
+# block: fewer Python steps. For the backward, more rows per program or more programs per SM keep more loads in
+# flight, at the price of registers or of partial dw rows.
+_fwd = tuned(_rms_norm_fwd_kernel, key=["N"], interpreter=config(BLOCK_M=16), configs=[
+    config(BLOCK_M=2, num_warps=8), config(BLOCK_M=1, num_warps=4), config(BLOCK_M=2, num_warps=4),
+    config(BLOCK_M=4, num_warps=8), config(BLOCK_M=8, num_warps=16)])
+_bwd = tuned(_rms_norm_bwd_kernel, key=["N"], interpreter=config(BLOCK_M=16, PROGRAMS_PER_SM=4), configs=[
+    config(BLOCK_M=2, PROGRAMS_PER_SM=4, num_warps=8), config(BLOCK_M=1, PROGRAMS_PER_SM=8, num_warps=4),
+    config(BLOCK_M=2, PROGRAMS_PER_SM=8, num_warps=4), config(BLOCK_M=4, PROGRAMS_PER_SM=4, num_warps=8),
+    config(BLOCK_M=4, PROGRAMS_PER_SM=2, num_warps=16)])
 _MAX_PROGRAMS_PER_SM = 8
 
 

@@ -57,10 +57,11 @@ def _swiglu_bwd_kernel(
     tl.store(dup_ptr + offs, dup.to(dup_ptr.dtype.element_ty), mask=mask)
 
 
-_CONFIGS = [config(BLOCK=16384, num_warps=8), config(BLOCK=1024, num_warps=4), config(BLOCK=2048, num_warps=4),
-            config(BLOCK=2048, num_warps=8), config(BLOCK=4096, num_warps=8), config(BLOCK=8192, num_warps=16)]
-_fwd = tuned(_swiglu_fwd_kernel, key=[], configs=_CONFIGS)  # first config: the interpreter's (large = fast there)
-_bwd = tuned(_swiglu_bwd_kernel, key=[], configs=_CONFIGS)
+# GPU candidates (elementwise: tuned once per dtype); the interpreter takes one big block (few Python steps).
+_CONFIGS = [config(BLOCK=1024, num_warps=4), config(BLOCK=2048, num_warps=4), config(BLOCK=2048, num_warps=8),
+            config(BLOCK=4096, num_warps=8), config(BLOCK=8192, num_warps=16)]
+_fwd = tuned(_swiglu_fwd_kernel, key=[], configs=_CONFIGS, interpreter=config(BLOCK=16384))
+_bwd = tuned(_swiglu_bwd_kernel, key=[], configs=_CONFIGS, interpreter=config(BLOCK=16384))
 
 
 def _grid(n_elements: int):
