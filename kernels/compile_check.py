@@ -38,18 +38,21 @@ import lessons_lib.kernels  # noqa: E402, F401  (defines the kernels, compiled m
 BF16, F32, I32, I64, U8 = "*bf16", "*fp32", "i32", "*i64", "*u8"
 I32S = lambda *names: {n: I32 for n in names}  # noqa: E731
 
+# Runtime values the @triton.heuristics of some kernels read (Qwen2-1.5B shapes): BLOCK_N from N, and so on.
+SAMPLE = dict(N=1536, n_qh=12, n_kh=2, half=64, V=151936)
+
 # (module, launcher, argument types, constexprs not in the configs: one dict per variant)
 KERNELS = [
     ("rms_norm", "_fwd", dict(x_ptr=BF16, w_ptr=BF16, y_ptr=BF16, rstd_ptr=F32, eps="fp32",
-                              **I32S("M", "N", "stride_x", "stride_y")), [dict(BLOCK_N=2048)]),
+                              **I32S("M", "N", "stride_x", "stride_y")), [{}]),
     ("rms_norm", "_bwd", dict(dy_ptr=BF16, x_ptr=BF16, w_ptr=BF16, rstd_ptr=F32, dx_ptr=BF16, dw_partial_ptr=F32,
                               **I32S("M", "N", "stride_dy", "stride_x", "stride_dx")),
-     [dict(BLOCK_N=2048, HAS_DW=True), dict(BLOCK_N=2048, HAS_DW=False)]),
+     [dict(HAS_DW=True), dict(HAS_DW=False)]),
     ("rope", "_rope", dict(q_ptr=BF16, k_ptr=BF16, cos_ptr=BF16, sin_ptr=BF16, q_out_ptr=BF16, k_out_ptr=BF16,
                            **I32S("T", "n_qh", "n_kh", "half", "sq_b", "sq_h", "sq_t", "sq_d", "sk_b", "sk_h", "sk_t",
                                   "sk_d", "sc_b", "sc_t", "sc_d", "sqo_b", "sqo_h", "sqo_t", "sqo_d", "sko_b", "sko_h",
                                   "sko_t", "sko_d")),
-     [dict(BACKWARD=b, BLOCK_QH=16, BLOCK_KH=2, BLOCK_D=64) for b in (False, True)]),
+     [dict(BACKWARD=b) for b in (False, True)]),
     ("swiglu", "_fwd", dict(gate_ptr=BF16, up_ptr=BF16, y_ptr=BF16, n_elements=I32), [{}]),
     ("swiglu", "_bwd", dict(dy_ptr=BF16, gate_ptr=BF16, up_ptr=BF16, dgate_ptr=BF16, dup_ptr=BF16, n_elements=I32),
      [{}]),
@@ -64,15 +67,18 @@ KERNELS = [
      [dict(HAS_DENTROPY=h) for h in (False, True)]),
     ("dequant", "_dequantize", dict(packed_ptr=U8, out_ptr=BF16, code_ptr=F32, absmax_ptr=U8, absmax_code_ptr=F32,
                                     absmax_scale_ptr=F32, absmax_offset_ptr=F32,
-                                    **I32S("n", "n_bytes", "bytes_per_block", "absmax_blocksize")),
-     [dict(DOUBLE_QUANT=True, ROUND_BF16=False)]),
+                                    **I32S("n", "n_bytes", "absmax_blocksize")),
+     [dict(BYTES_PER_BLOCK=32, DOUBLE_QUANT=True, ROUND_BF16=False)]),
 ]
 
 
 def jit_function(kernel):
-    while not isinstance(kernel, triton.runtime.jit.JITFunction):  # unwrap @triton.heuristics
+    """The JITFunction under `kernel`, and the constexprs its @triton.heuristics would add for `args`."""
+    heuristics = {}
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+        heuristics.update(getattr(kernel, "values", {}))
         kernel = kernel.fn
-    return kernel
+    return kernel, lambda args: {name: rule(args) for name, rule in heuristics.items()}
 
 
 def registers(ptx, arch):
@@ -103,10 +109,11 @@ def main():
     print(f"{'kernel':<24} {'config':<44} {'variant':<34} {'regs':>5} {'spill B':>8}")
     for module, name, types, variants in KERNELS:
         launcher = getattr(sys.modules[f"lessons_lib.kernels.{module}"], name)
-        fn = jit_function(launcher.kernel)
+        fn, heuristics = jit_function(launcher.kernel)
         for config in launcher.configs[:1] if args.first_only else launcher.configs:
             for variant in variants:
                 constexprs = {**variant, **config.kwargs}
+                constexprs.update(heuristics({**SAMPLE, **constexprs}))
                 signature = {a: ("constexpr" if a in constexprs else types[a]) for a in fn.arg_names}
                 options = {"num_warps": config.num_warps}
                 if module == "dequant":

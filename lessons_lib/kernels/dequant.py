@@ -6,9 +6,10 @@ first; per block of `blocksize` values one scale, itself 8-bit quantized when do
     scale[b] = absmax_code[absmax_q[b]] * absmax_scale[b // 256] + absmax_offset      (or absmax[b])
     w[i]     = code[nibble(i)] * scale[i // blocksize]                              (fp32, then cast to dtype)
 
-Each program reads BLOCK packed bytes and writes the 2 * BLOCK values they hold; a byte's two values always share
-a block (blocksize is even), so its scale is looked up once. The 16-entry code and the 256-entry absmax code are
-gathered through pointers (they stay in cache). Reads 1/2 byte per weight, writes 2 (bf16): write-bound.
+Each program handles a tile of whole quantization blocks, one per row: (BLOCKS, blocksize / 2) packed bytes. A row
+loads its scale once; every byte gives its two values (high nibble first), and the tile is written interleaved.
+The 16-entry code and the 256-entry absmax code are gathered through pointers (they stay in cache). Reads 1/2
+byte per weight, writes 2 (bf16): write-bound.
 
 Bit-exactness needs two details: the GPU must not fuse `a * b + c` into one fma (the reference rounds twice;
 we launch with enable_fp_fusion=False), and the interpreter's fp32 -> bf16 cast truncates where torch and GPUs
@@ -31,6 +32,7 @@ def _round_fp32_to_bf16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
+@triton.heuristics({"BLOCKS": lambda args: max(1, args["BYTES"] // args["BYTES_PER_BLOCK"])})
 @triton.jit
 def _nf4_dequantize_kernel(
     packed_ptr,  # (n_bytes,) uint8, two codes per byte
@@ -39,37 +41,38 @@ def _nf4_dequantize_kernel(
     absmax_ptr,  # (n_blocks,) fp32 scales, or uint8 indices into absmax_code when DOUBLE_QUANT
     absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,  # (256,) fp32, (n_blocks / 256,) fp32, () fp32
     n, n_bytes,
-    bytes_per_block,  # blocksize // 2
     absmax_blocksize,  # scales per absmax_scale (256)
+    BYTES_PER_BLOCK: tl.constexpr,  # blocksize // 2: the packed bytes of one quantization block
     DOUBLE_QUANT: tl.constexpr,
     ROUND_BF16: tl.constexpr,  # interpreter only: round to bf16 by hand (its cast truncates)
-    BLOCK: tl.constexpr,  # packed bytes per program
+    BYTES: tl.constexpr,  # packed bytes per program (a tuning knob) ...
+    BLOCKS: tl.constexpr,  # ... as whole quantization blocks: the rows of this program's tile
 ):
-    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
-    byte_ok = byte < n_bytes
-    packed = tl.load(packed_ptr + byte, mask=byte_ok, other=0)
-    block = byte // bytes_per_block
-    if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + block, mask=byte_ok, other=0).to(tl.int32)
-        scale = tl.load(absmax_code_ptr + q) * tl.load(absmax_scale_ptr + block // absmax_blocksize, mask=byte_ok)
+    block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,) quantization blocks
+    byte = block[:, None] * BYTES_PER_BLOCK + tl.arange(0, BYTES_PER_BLOCK)[None, :]  # (BLOCKS, BYTES_PER_BLOCK)
+    block_ok = block * BYTES_PER_BLOCK < n_bytes
+    packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0)
+    if DOUBLE_QUANT:  # one scale per row of the tile
+        q = tl.load(absmax_ptr + block, mask=block_ok, other=0).to(tl.int32)
+        scale = tl.load(absmax_code_ptr + q) * tl.load(absmax_scale_ptr + block // absmax_blocksize, mask=block_ok)
         scale = scale + tl.load(absmax_offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + block, mask=byte_ok, other=0.0)
+        scale = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
 
-    hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale  # value 2 * byte
-    lo = tl.load(code_ptr + (packed & 0x0F).to(tl.int32)) * scale  # value 2 * byte + 1
-    values = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))  # interleave: hi0, lo0, hi1, lo1, ...
+    hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale[:, None]  # value 2 * byte
+    lo = tl.load(code_ptr + (packed & 0x0F).to(tl.int32)) * scale[:, None]  # value 2 * byte + 1
+    values = tl.reshape(tl.join(hi, lo), (BLOCKS, 2 * BYTES_PER_BLOCK))  # interleave: hi0, lo0, hi1, lo1, ...
     if ROUND_BF16:
         values = _round_fp32_to_bf16(values)
 
-    i = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    i = block[:, None] * (2 * BYTES_PER_BLOCK) + tl.arange(0, 2 * BYTES_PER_BLOCK)[None, :]
     tl.store(out_ptr + i, values.to(out_ptr.dtype.element_ty), mask=i < n)
 
 
-# GPU candidates (bytes per program); the interpreter takes one big block.
-_dequantize = tuned(_nf4_dequantize_kernel, key=[], interpreter=config(BLOCK=8192), configs=[
-    config(BLOCK=1024, num_warps=4), config(BLOCK=512, num_warps=4), config(BLOCK=2048, num_warps=8),
-    config(BLOCK=4096, num_warps=8)])
+# GPU candidates (packed bytes per program); the interpreter takes one big tile.
+_dequantize = tuned(_nf4_dequantize_kernel, key=["BYTES_PER_BLOCK"], interpreter=config(BYTES=8192), configs=[
+    config(BYTES=1024, num_warps=4), config(BYTES=512, num_warps=4), config(BYTES=2048, num_warps=8),
+    config(BYTES=4096, num_warps=8)])
 
 
 def nf4_dequantize(packed: torch.Tensor, state, impl: str = "auto") -> torch.Tensor:
@@ -86,8 +89,8 @@ def nf4_dequantize(packed: torch.Tensor, state, impl: str = "auto") -> torch.Ten
     if packed.numel() != (n + 1) // 2:
         raise ValueError(f"nf4_dequantize: packed has {packed.numel()} bytes; state.shape {tuple(state.shape)} "
                          f"needs {(n + 1) // 2}")
-    if state.blocksize % 2:
-        raise ValueError(f"nf4_dequantize: blocksize must be even, got {state.blocksize}")
+    if state.blocksize < 2 or state.blocksize & (state.blocksize - 1):
+        raise ValueError(f"nf4_dequantize: blocksize must be a power of 2, got {state.blocksize}")
     scales = state.absmax_q if state.double_quant else state.absmax
     check_same_device("nf4_dequantize", packed=packed, code=state.code, absmax=scales)
     if not use_triton(impl, packed, op="nf4_dequantize"):
@@ -104,8 +107,8 @@ def nf4_dequantize(packed: torch.Tensor, state, impl: str = "auto") -> torch.Ten
     else:
         extra = (code, code, code)  # unused pointers
     gpu_only = {} if INTERPRETED else {"enable_fp_fusion": False}  # no fma: round like the reference
-    grid = lambda meta: (triton.cdiv(packed.numel(), meta["BLOCK"]),)  # noqa: E731
-    _dequantize[grid](packed, out, code, scales.contiguous(), *extra, n, packed.numel(), state.blocksize // 2,
-                      state.absmax_blocksize, DOUBLE_QUANT=state.double_quant,
+    grid = lambda meta: (triton.cdiv(state.n_blocks, meta["BLOCKS"]),)  # noqa: E731
+    _dequantize[grid](packed, out, code, scales.contiguous(), *extra, n, packed.numel(), state.absmax_blocksize,
+                      BYTES_PER_BLOCK=state.blocksize // 2, DOUBLE_QUANT=state.double_quant,
                       ROUND_BF16=INTERPRETED and state.dtype == torch.bfloat16, **gpu_only)
     return out
