@@ -50,9 +50,10 @@ KERNEL = "nf4_dequantize"
 #
 # 3. The kernel (lessons_lib/kernels/dequant.py)
 # ----------------------------------------------
-# Each program reads BLOCK packed bytes, splits every byte into its two codes, looks both up in the 16-entry NF4
-# table, multiplies by the block's scale (decoded on the fly from its 8-bit index, the 256-entry dynamic code, the
-# scale of its group of 256 blocks and the offset) and writes the 2 * BLOCK values interleaved (tl.join).
+# Each program takes a tile of whole quantization blocks, one per row: (BLOCKS, blocksize / 2) packed bytes. Each
+# row decodes its scale once (its 8-bit index, the 256-entry dynamic code, the scale of its group of 256 blocks,
+# the offset); every byte splits into its two codes, both are looked up in the 16-entry NF4 table and multiplied
+# by the scale, and the row's values are written interleaved, high nibble first (tl.join).
 # Bit-exact: the same fp32 multiplies and adds in the same order, no fused multiply-add, round to nearest even.
 # There is no backward: the weights are frozen (LoRA trains the adapters beside them).
 
