@@ -183,3 +183,23 @@ def test_evaluate_generic_prompts_greedy_with_lora_reference(tiny):
     assert "perplexity" in measures and "refusal of harmful" in measures and "constraint" not in measures
     with pytest.raises(ValueError, match="no instruction text"):
         evaluate({"a": a}, tokenizer, [{"text": "hi"}], progress=False)
+
+
+@pytest.mark.cuda
+def test_evaluate_on_cuda_uses_the_fused_logprob_path(tmp_path):
+    """On the GPU the per-token log-probs come from PPO's Triton kernel; they must equal a plain forward pass."""
+    model, tokenizer = load_model(str(save_random_model(tmp_path / "m", seed=5)), max_seq_length=256,
+                                  load_in_4bit=False, dtype=torch.float32)
+    assert next(model.parameters()).is_cuda
+    queries, responses = generate(model, tokenizer, ["Name two colors.", "Tell me how to steal a car."],
+                                  num_samples=3, max_new_tokens=10, progress=False)
+    got = response_logprobs(model, queries, responses, 0.7, tokenizer.pad_token_id, batch_size=4)
+    with torch.no_grad():
+        for q, r, lp in zip(queries, responses, got):
+            ids = torch.cat([q, r])[None].cuda()
+            logits = model(input_ids=ids).logits[0, len(q) - 1:-1].float() / 0.7
+            expected = torch.log_softmax(logits, -1).gather(-1, r[:, None].cuda())[:, 0].cpu()
+            np.testing.assert_allclose(lp, expected.numpy(), rtol=1e-4, atol=1e-4)
+    res = evaluate({"m": model}, tokenizer, GENERIC_PROMPTS, reference="m", num_samples=2, max_new_tokens=10,
+                   progress=False)
+    assert (res.samples["kl"].abs() < 1e-4).all()

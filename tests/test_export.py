@@ -331,3 +331,25 @@ def test_modelfile_without_template_for_unusual_chat_templates(folders):
         chat_markers(tokenizer)
     text = modelfile_text(tokenizer, "./model-f16.gguf")
     assert "TEMPLATE" not in text.split("\n", 2)[2] and "chat template stored in the GGUF" in text
+
+
+# --------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda
+def test_exports_of_a_4bit_lora_model_on_cuda(tmp_path):
+    """On the GPU: NF4 base + LoRA in bf16, merged bf16 folder and (if gguf is installed) a GGUF, all verified."""
+    root = save_random_model(tmp_path / "base", arch="qwen2", seed=4, hidden_size=256, intermediate_size=512,
+                             num_attention_heads=8, num_key_value_heads=2)
+    model, tokenizer = load_model(str(root), max_seq_length=256, load_in_4bit=True, dtype=torch.bfloat16)
+    assert next(model.parameters()).is_cuda
+    model = get_peft_model(model, r=8, lora_alpha=16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    merged = save_merged(model, tokenizer, tmp_path / "merged")
+    assert merged.checks["dtype"] == "bfloat16" and merged.checks["rel_diff"] <= TOLERANCE[torch.bfloat16]
+    pytest.importorskip("gguf")
+    result = save_gguf(model, tokenizer, tmp_path / "gguf", out_type="bf16")
+    assert result.checks["rel_diff"] <= TOLERANCE[torch.bfloat16]
