@@ -206,9 +206,16 @@ def reload(path, gguf_file: str | None = None):
     from lessons_lib.models import load_model
 
     path = Path(path)
-    config = path / "config.json"
-    limit = json.loads(config.read_text()).get("max_position_embeddings", 2048) if config.is_file() else 2048
     source = path / gguf_file if gguf_file else path
+    if gguf_file:  # the context length is GGUF metadata (the reader maps the file; no tensor is read)
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(source)).fields
+        arch = fields["general.architecture"].contents()
+        limit = fields[f"{arch}.context_length"].contents() if f"{arch}.context_length" in fields else 2048
+    else:
+        config = path / "config.json"
+        limit = json.loads(config.read_text()).get("max_position_embeddings", 2048) if config.is_file() else 2048
     model, tokenizer = load_model(str(source), max_seq_length=limit, dtype=torch.float32, load_in_4bit=False)
     return model.eval(), tokenizer
 
