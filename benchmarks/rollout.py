@@ -418,12 +418,12 @@ def check(args):
             with torch.no_grad():
                 hf = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=None, **kw)[:, ids.shape[1]:]
             ours = engine.generate(ids, mask, eos_token_id=[], **kw).response_ids
-            differ = ours != hf                                                      # (8, 64)
-            first_diff = torch.where(differ.any(1), differ.int().argmax(1), torch.full_like(differ[:, 0], 64,
-                                                                                            dtype=torch.long))
-            same = f"{int((~differ.any(1)).sum())}/8 rows identical"
-            if differ.any():
-                same += f"; median first difference at token {int(first_diff.median())}"
+            same = _agreement(ours, hf)
+            if variant == "bf16":  # how soon do two valid bf16 computations part? compare both with fp32 greedy
+                with torch.no_grad():
+                    hf32 = base.generate(input_ids=ids, attention_mask=mask, eos_token_id=None, **kw)[:, ids.shape[1]:]
+                same += (f" (vs fp32 generate: engine {_agreement(ours, hf32, short=True)}, "
+                         f"transformers bf16 {_agreement(hf, hf32, short=True)})")
             n, T = 10_000, 0.7
             first = engine.generate(ids[:1].expand(n, -1), mask[:1].expand(n, -1), max_new_tokens=1, temperature=T,
                                     eos_token_id=[]).response_ids[:, 0]
@@ -440,6 +440,20 @@ def check(args):
     out = Path(args.out or REPO / "benchmarks" / "results" / f"rollout-check-{device}")
     out.with_suffix(".md").write_text(md)
     print(f"wrote {out.with_suffix('.md')}")
+
+
+def _agreement(a, b, short: bool = False) -> str:
+    """How many rows of two (R, T) greedy outputs are identical, and where the others first differ (median)."""
+    import torch
+
+    differ = a != b
+    first = torch.where(differ.any(1), differ.int().argmax(1), torch.full_like(differ[:, 0], a.shape[1],
+                                                                               dtype=torch.long))
+    same = int((~differ.any(1)).sum())
+    if short:
+        return f"{same}/{len(a)}, median first difference {int(first.median())}"
+    text = f"{same}/{len(a)} rows identical"
+    return text + (f"; median first difference at token {int(first.median())}" if differ.any() else "")
 
 
 def _forced(model, ids, mask, cont):
