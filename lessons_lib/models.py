@@ -268,8 +268,8 @@ def _prepare(model, tokenizer, max_seq_length, device, gradient_checkpointing):
         tokenizer.pad_token = tokenizer.eos_token
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max_seq_length > limit:
-        warnings.warn(f"load_model: max_seq_length={max_seq_length} is longer than the model's "
-                      f"max_position_embeddings={limit}; quality past {limit} tokens is not guaranteed", stacklevel=3)
+        logger.info("load_model: max_seq_length=%d is longer than the model's max_position_embeddings=%d; "
+                    "quality past %d tokens is not guaranteed", max_seq_length, limit, limit)
     model.register_forward_pre_hook(_check_length, with_kwargs=True)
     for p in model.parameters():
         p.requires_grad_(False)  # frozen until adapters are attached; nothing is upcast
@@ -445,7 +445,8 @@ def merge_lora(model, dtype=None):
     name = model.active_adapter
     config = copy.deepcopy(model.peft_config[name])
     with_adapters = peft_get_peft_model(plain, config)
-    set_peft_model_state_dict(with_adapters, get_peft_model_state_dict(model, adapter_name=name))
+    set_peft_model_state_dict(with_adapters, get_peft_model_state_dict(model, adapter_name=name,
+                                                                       save_embedding_layers=False))
     merged = with_adapters.merge_and_unload()
     merged.max_seq_length = getattr(base, "max_seq_length", None) or getattr(model, "max_seq_length", None)
     if merged.max_seq_length is not None:
