@@ -238,6 +238,24 @@ def test_greedy_list_input_and_bucketing_do_not_change_tokens():
     assert torch.equal(a.response_ids, hf)
 
 
+def test_fast_generate_takes_generate_kwargs():
+    """The PPO trainer's generate kwargs (pure sampling, neutral penalties) work as they are; options that would
+    change the output and are not implemented raise."""
+    from lessons_lib.fast_generate import engine_kwargs
+
+    model = tiny("llama")
+    ids, mask = batch(model.config.vocab_size, B=2, Tq=4)
+    trainer_kwargs = {"do_sample": True, "temperature": 0.7, "max_new_tokens": 5, "top_k": 0, "top_p": 1.0,
+                      "min_p": None, "typical_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                      "eos_token_id": 3, "pad_token_id": 0}
+    out = fast_generate(model, ids, mask, **trainer_kwargs)
+    assert out.response_ids.shape[0] == 2 and out.response_ids.shape[1] <= 5
+    assert engine_kwargs({"top_k": None, "temperature": None}) == {"top_k": 0, "temperature": 1.0}
+    for bad in ({"repetition_penalty": 1.2}, {"num_beams": 4}, {"output_scores": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            fast_generate(model, ids, mask, max_new_tokens=2, **bad)
+
+
 def test_engine_cache_and_keep_weights_false():
     model = tiny("qwen2-tied")
     ids, mask = batch(model.config.vocab_size, B=2, Tq=4)
