@@ -226,7 +226,7 @@ def load_policy(model_dir, device):
         model, _ = load_model(model_dir, max_seq_length=1024, dtype=dtype, load_in_4bit=True, device=device)
         return get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
                               verbose=False), "lessons_lib.load_model + get_peft_model"
-    except (ImportError, AttributeError, TypeError) as err:
+    except Exception as err:  # e.g. a loader from another transformers version: measure anyway, and say so
         import peft
         import transformers
 
