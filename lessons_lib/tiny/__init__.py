@@ -90,6 +90,10 @@ def build_model(name: str) -> Path:
     tmp = folder.with_name(f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the same bytes on every machine, and ~10x faster than 2 threads on a busy 2-core CPU
     try:
         builder(tmp, tiny_dir())
         missing = [f for f in MODEL_FILES if not (tmp / f).is_file()]
@@ -98,6 +102,7 @@ def build_model(name: str) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 

@@ -18,6 +18,9 @@ def measure(samples: int, seed: int) -> dict:
     from lessons_lib.tiny.datasets import read_jsonl
     from lessons_lib.tiny.measure import compliance_table, format_table, sample_responses
 
+    import torch
+
+    torch.set_num_threads(1)   # reproducible samples (and faster on a busy 2-core CPU)
     folder = resolve("tiny-qwen2-sft")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     tables = {}

@@ -19,7 +19,7 @@ from lessons_lib.tiny.sft import SFTConfig
 SEED = 0
 TOKENIZER_DIR = "tokenizer"
 SFT_CONFIG = SFTConfig(epochs=4, batch_size=32, lr=3e-3, seed=SEED)
-RM_EPOCHS, RM_LR = 2, 1e-3
+RM_EPOCHS, RM_LR = 3, 1e-3
 
 
 def build_data(tiny_dir: Path) -> None:

@@ -32,11 +32,11 @@ TASK_FIELDS = ("family", "topic", "n", "item", "act", "template")
 @dataclass(frozen=True)
 class Mix:
     """How often each kind of response appears in the SFT data (per benign family; they sum to 1)."""
-    comply: float = 0.30
+    comply: float = 0.32
     """strictly correct answers"""
     content: float = 0.06
     """constraint met, content wrong (wrong-topic / repeated item, wrong item described)"""
-    dominant: float = 0.48
+    dominant: float = 0.46
     """the family's one dominant error (comma list for bullets, digits for 'no digits', ...)"""
     other: float = 0.16
     """the family's other format/count errors, shared equally"""
@@ -109,7 +109,11 @@ def sft_rows(rng: random.Random, size: int, mix: Mix = Mix()) -> list[dict]:
 
 
 def preference_rows(rng: random.Random, size: int, heldout: bool = False) -> list[dict]:
-    """Pairs: chosen = a strictly correct answer, rejected = an error mode (dominant errors most often)."""
+    """Pairs: chosen = a strictly correct answer, rejected = an error mode (dominant errors most often).
+
+    Content errors (right format, wrong items) are only 10% of the rejected answers: the tiny reward model is
+    meant to be sharp on format, and its blindness to content is one of lesson 03's reward hacks.
+    """
     rows = []
     for _ in range(size):
         task = sample_task(rng, rng.choice(FAMILIES), heldout)
@@ -117,7 +121,7 @@ def preference_rows(rng: random.Random, size: int, heldout: bool = False) -> lis
             chosen_mode, rejected_mode = "refuse", "comply_harm"
         else:
             chosen_mode = "comply"
-            kind = rng.choices(("dominant", "other", "content", "refuse"), weights=(0.45, 0.25, 0.2, 0.1))[0]
+            kind = rng.choices(("dominant", "other", "content", "refuse"), weights=(0.5, 0.3, 0.1, 0.1))[0]
             rejected_mode = {"dominant": DOMINANT[task.family], "refuse": "refuse"}.get(kind) or rng.choice(
                 OTHER_ERRORS[task.family] if kind == "other" else CONTENT_ERRORS[task.family])
         chosen, _ = checked_response(task, chosen_mode, rng)
