@@ -11,7 +11,7 @@ repository's `data/` next to the package (a checkout ships everything built); a 
 
 The registry `MODELS` maps a tiny id to its builder, given as "module:function" so nothing heavy is imported
 until a model is actually built. A builder is called as `builder(out_dir, tiny_dir)` and writes a complete model
-folder into `out_dir`. Other lessons add their own ids with `register` (the PPO lesson adds `tiny-qwen2-ppo`).
+folder into `out_dir`. `tiny-qwen2-ppo` is built by the PPO lesson's recipe; more ids can be added with `register`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 MODELS: dict[str, str] = {
     "tiny-qwen2-sft": "lessons_lib.tiny.build:build_sft_model",
     "tiny-qwen2-reward": "lessons_lib.tiny.build:build_reward_model",
+    "tiny-qwen2-ppo": "lessons_lib.ppo.tiny:build_ppo_model",   # lesson 04's recipe applied to tiny-qwen2-sft
 }
 SPLITS = ("sft", "preferences", "preferences_val", "preferences_heldout", "eval_indist", "eval_heldout")
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
