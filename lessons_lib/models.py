@@ -128,10 +128,10 @@ def resolve_model_source(model_name) -> tuple[str, bool, str]:
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            raise OSError(f"load_model: {name!r} looks like a hub id, but the hub cannot be reached "
-                          f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}, or no network) and it is "
-                          f"not in the local cache. Use a tiny-world id (e.g. 'tiny-qwen2-sft'), a local folder, "
-                          f"or run where the hub is reachable.")
+            raise OSError(f"load_model: there is no local folder {name!r}; as a hub id it is not in the local cache "
+                          f"and the hub cannot be reached (HF_HUB_OFFLINE="
+                          f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}, or no network). Use a tiny-world id "
+                          f"(e.g. 'tiny-qwen2-sft'), a local folder, or run where the hub is reachable.")
     return name, offline, "hub"
 
 
