@@ -23,6 +23,22 @@ PANELS = [
 ]
 
 
+def _notebook_display() -> None:
+    """In IPython, show matplotlib Figures returned by a cell as PNG (what `%matplotlib inline` does for pyplot
+    figures; ours are built without pyplot). Registered once, on the first plot."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    from IPython.core.pylabtools import print_figure
+    from matplotlib.figure import Figure
+
+    shell.display_formatter.formatters["image/png"].for_type(Figure, lambda fig: print_figure(fig, "png"))
+
+
 def _smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average over `window` points (window 1: unchanged)."""
     out, total = [], 0.0
@@ -45,6 +61,7 @@ def plot_stats(history: list[dict], panels=PANELS, smooth: int = 1, fig=None, ti
 
     if not history:
         raise ValueError("plot_stats: the history is empty; pass the list of stats dicts returned by step()")
+    _notebook_display()
     cols = 3
     rows = -(-len(panels) // cols)
     fig = fig or Figure(figsize=(4 * cols, 2.6 * rows), layout="constrained")
@@ -71,6 +88,7 @@ def compare_runs(runs: dict[str, list[dict]], key: str, smooth: int = 1, ax=None
     """One stat from several runs on one axis (lesson 08's experiments); returns the Figure."""
     from matplotlib.figure import Figure
 
+    _notebook_display()
     fig = None
     if ax is None:
         fig = Figure(figsize=(5.5, 3.2), layout="constrained")

@@ -80,9 +80,11 @@ def main(argv=None) -> int:
     import torch
 
     from lessons_lib.models import load_model
+    from lessons_lib.tiny import tiny_dir
     from lessons_lib.ppo.tiny import TinyRecipe, merged_policy, train_tiny_ppo
 
     torch.set_num_threads(args.threads)
+    print(f"tiny world: {tiny_dir()}; torch threads: {args.threads}", flush=True)
     sft, tokenizer = load_model("tiny-qwen2-sft", load_in_4bit=False)
     t0 = time.perf_counter()
     before = evaluate(sft, tokenizer, args.samples, seed=1234)
@@ -104,16 +106,18 @@ def main(argv=None) -> int:
         if args.rule_weight is not None:
             recipe.rule_weight = args.rule_weight
         torch.manual_seed(seed)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         trainer, history = train_tiny_ppo(recipe)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         after = evaluate(trainer.model, tokenizer, args.samples, seed=1234)
         last = history[-10:]
-        runs.append({"seed": seed, "ppo_seconds": seconds, "steps": len(history), "after": after,
+        runs.append({"seed": seed, "ppo_seconds": seconds, "ppo_cpu_seconds": cpu_seconds, "steps": len(history),
+                     "after": after,
                      "final_kl": mean([s["objective/kl"] for s in last]),
                      "final_score": mean([s["objective/scores"] for s in last]),
                      "history": history})
-        print(f"seed {seed}: {len(history)} PPO steps in {seconds:.0f} s; KL to SFT over the last 10 steps "
+        print(f"seed {seed}: {len(history)} PPO steps in {seconds:.0f} s ({cpu_seconds:.0f} s of CPU time on "
+              f"{args.threads} thread(s)); KL to SFT over the last 10 steps "
               f"{runs[-1]['final_kl']:.2f} nats/response; RM score {history[0]['objective/scores']:+.2f} -> "
               f"{runs[-1]['final_score']:+.2f}", flush=True)
         if args.save and seed == args.seeds[0]:
@@ -130,11 +134,14 @@ def main(argv=None) -> int:
         print(f"{label:<45}{before[split][family][key]:>8.2f}{mean(values):>8.2f}{spread}")
     print(f"{'KL to SFT, last 10 steps (nats / response)':<45}{'':>8}{mean([r['final_kl'] for r in runs]):>8.2f}")
     print(f"{'PPO wall time (s)':<45}{'':>8}{mean([r['ppo_seconds'] for r in runs]):>8.0f}")
-    print(f"(evaluation of one model: {eval_seconds:.0f} s)")
+    print(f"{'PPO CPU time (s)':<45}{'':>8}{mean([r['ppo_cpu_seconds'] for r in runs]):>8.0f}")
+    print(f"(evaluation of one model: {eval_seconds:.0f} s; load average now {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores: wall times grow with it)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python", "scripts/tiny_ppo_win.py", *(argv or sys.argv[1:])]),
-                               "torch_threads": args.threads, "before": before, "runs": runs}, indent=1) + "\n")
+                               "torch_threads": args.threads, "load_average_at_end": os.getloadavg(),
+                               "before": before, "runs": runs}, indent=1) + "\n")
     print(f"results: {out}")
     return 0
 

@@ -2,7 +2,7 @@
 id `tiny-qwen2-ppo` (the SFT model after this recipe, LoRA merged into plain weights).
 
     from lessons_lib.ppo.tiny import train_tiny_ppo
-    trainer, history = train_tiny_ppo(steps=80)          # tiny-qwen2-sft + tiny-qwen2-reward, CPU, ~1 s per step
+    trainer, history = train_tiny_ppo()                   # tiny-qwen2-sft + tiny-qwen2-reward, CPU, ~1 s per step
 
 The builder `build_ppo_model(out_dir, tiny_dir)` is registered in `lessons_lib.tiny.MODELS`; it runs the recipe
 with a fixed number of steps and seeds, so a rebuild on the same machine gives the same model.
@@ -20,7 +20,7 @@ from .trainer import PPOTrainer
 @dataclass
 class TinyRecipe:
     """Everything that defines a tiny-world PPO run besides the models."""
-    steps: int = 80
+    steps: int = 40
     """PPO iterations (each: 32 prompts sampled, scored, 4 epochs x 4 minibatches)"""
     lora_r: int | None = 16
     """LoRA rank on every linear layer of the policy; None trains every weight (full fine-tuning)"""
