@@ -264,7 +264,7 @@ def engine_stack(name, model, prompts, mask, gen, args, device, out):
         refreshed = engine.refresh()
         sync(device)
         result.update(build_s=build_s, refresh_ms=1e3 * (time.perf_counter() - t0), refreshed_projections=refreshed,
-                      engine_memory=engine.memory())
+                      engine_memory=engine.memory(), cuda_graphs_used=engine.cuda_graphs)
         if name == "engine":
             out["_checks"] = logits_check(engine, model, prompts, device)
         engine.release()
@@ -503,7 +503,7 @@ def report(args, results: dict, device: str, elapsed: float):
             extras.append(f"- {name}: build {r['build_s']:.2f} s, refresh after a LoRA update {r['refresh_ms']:.1f} ms "
                           f"({r['refreshed_projections']} projections), engine weights {m['weights'] / 2**30:.2f} GiB, "
                           f"scratch {m['scratch'] / 2**30:.3f} GiB, KV cache {m['kv_cache'] / 2**30:.3f} GiB, "
-                          f"warm-up call {r['warmup_s']:.1f} s")
+                          f"warm-up call {r['warmup_s']:.1f} s, CUDA graphs used: {r['cuda_graphs_used']}")
     if checks:
         extras.append(f"- engine vs the 4-bit + LoRA model (4 prompts, 8 forced tokens): max |logit diff| "
                       f"{checks['max_abs_logit_diff']:.3g} (logit std {checks['logit_std']:.3g}), argmax agreement "

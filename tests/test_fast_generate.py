@@ -256,6 +256,39 @@ def test_fast_generate_takes_generate_kwargs():
             fast_generate(model, ids, mask, max_new_tokens=2, **bad)
 
 
+def test_failed_graph_capture_falls_back_to_eager(monkeypatch):
+    """If capture fails after the warm-up steps ran (they advance the workspace), the engine warns, restores the
+    workspace and decodes eagerly: the tokens are the same as without graphs."""
+    import contextlib
+
+    model = tiny("qwen2-tied")
+    ids, mask = batch(model.config.vocab_size, B=2, Tq=4)
+    kw = dict(do_sample=False, max_new_tokens=8, eos_token_id=[])
+    expected = RolloutEngine(model).generate(ids, mask, **kw).response_ids
+
+    class FakeStream:  # lets the warm-up steps run on the CPU
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    def no_graph():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", no_graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    engine = RolloutEngine(model)
+    engine.cuda_graphs = True  # as on a GPU
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        out = engine.generate(ids, mask, **kw)
+    assert not engine.cuda_graphs
+    assert torch.equal(out.response_ids, expected)
+
+
 def test_engine_cache_and_keep_weights_false():
     model = tiny("qwen2-tied")
     ids, mask = batch(model.config.vocab_size, B=2, Tq=4)

@@ -17,6 +17,7 @@ On CPU the same step runs eagerly, so everything but the capture is tested on a 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -220,19 +221,34 @@ class RolloutEngine:
     def _capture(self, ws: _Workspace, mode: tuple):
         """Record one decode step in a CUDA graph. Warm-up runs change the workspace, so its state is restored."""
         saved = [t.clone() for t in ws.state()]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # lazy initialisations (cuBLAS handles, workspaces) must not happen during capture
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # lazy initialisations (cuBLAS handles, workspaces) must not happen in capture
+                    self._step(ws, mode)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
                 self._step(ws, mode)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._step(ws, mode)
-        for t, s in zip(ws.state(), saved):
-            t.copy_(s)
+        finally:
+            for t, s in zip(ws.state(), saved):
+                t.copy_(s)
         ws.graphs[mode] = graph
         return graph
+
+    def _stepper(self, ws: _Workspace, mode: tuple):
+        """The captured step's `replay`; if capture fails, a warning and eager steps from then on."""
+        graph = ws.graphs.get(mode)
+        if graph is None:
+            try:
+                graph = self._capture(ws, mode)
+            except Exception as err:  # a PPO run should not die because one op could not be captured
+                self.cuda_graphs = False
+                warnings.warn(f"RolloutEngine: CUDA graph capture failed ({type(err).__name__}: {err}); decoding "
+                              "eagerly from now on (correct, but launch-bound)", stacklevel=3)
+                return lambda: self._step(ws, mode)
+        return graph.replay
 
     # ------------------------------------------------------------------ generate
     @torch.no_grad()
@@ -280,8 +296,7 @@ class RolloutEngine:
         ws.pos.copy_(mask.sum(1))                                                 # position of the first new token
         ws.col.fill_(Tq)
         self._choose(ws, logits, mode)
-        use_graph = self.cuda_graphs and max_new_tokens > 3
-        step = (ws.graphs.get(mode) or self._capture(ws, mode)).replay if use_graph else lambda: self._step(ws, mode)
+        step = self._stepper(ws, mode) if self.cuda_graphs and max_new_tokens > 3 else lambda: self._step(ws, mode)
         from tqdm.auto import tqdm
 
         n = 1
