@@ -1,7 +1,14 @@
 """Shared fixtures. The environment (offline hub, Triton interpreter on CPU) is set by the top-level conftest.py."""
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs 2 xdist workers on a 2-core CI box: one thread each avoids oversubscription, which makes tiny
+    # matmuls and softmaxes several times slower than single-threaded.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -14,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
-    """Every test starts from the same RNG state; keep CPU threads modest so xdist workers don't oversubscribe."""
+def _seed():
+    """Every test starts from the same RNG state."""
     torch.manual_seed(0)
     yield
