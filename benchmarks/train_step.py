@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py            # GPU: Qwen2-1.5B config, random weights, B=8, T=512, NF4 + LoRA r=16 qkvo
     python benchmarks/train_step.py --quick    # CPU, tiny config, seconds: checks that every stack runs
+    python benchmarks/train_step.py --loss-memory   # CPU: peak memory of the loss alone, transformers vs chunked
 
 Every stack runs in its own subprocess (Liger and Unsloth patch transformers globally; peak memory must not
 carry over), on the same randomly initialised weights saved once: speed and memory do not depend on the values.
@@ -167,6 +168,53 @@ def run_stack(args) -> dict:
                 step_ms_all=[1000 * t for t in times])
 
 
+def loss_memory(variant: str, chunk_tokens: int) -> dict:
+    """CPU, one process per variant: the rise of peak RSS during one forward + backward of the loss, on a small
+    body with Qwen2's 151,936-word vocabulary (4 x 256 tokens), where the logits dominate memory."""
+    import resource
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from lessons_lib.models import causal_lm_loss
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, target_modules=TARGETS))
+    ids = torch.randint(0, cfg.vocab_size, (4, 256))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    loss = model(input_ids=ids, labels=ids).loss if variant == "transformers" else causal_lm_loss(model, ids,
+                                                                                                   chunk_tokens=chunk_tokens)
+    loss.backward()
+    rise = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
+    return dict(variant=variant, chunk_tokens=chunk_tokens, loss=loss.item(), peak_rise_gib=rise)
+
+
+def run_loss_memory() -> int:
+    rows = []
+    for variant, chunk in [("transformers", 0), ("causal_lm_loss", 1024), ("causal_lm_loss", 256),
+                           ("causal_lm_loss", 128)]:
+        proc = subprocess.run([sys.executable, __file__, "--loss-memory-child", f"{variant}:{chunk}"],
+                              capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(proc.stderr[-2000:])
+            return 1
+        rows.append(json.loads(line[len("RESULT "):]))
+    print("| loss | positions per chunk | loss value | peak RSS rise, GiB |\n|---|---|---|---|")
+    for r in rows:
+        chunk = "all (1,020)" if r["variant"] == "transformers" else f"{r['chunk_tokens']:,}"
+        print(f"| {r['variant']} | {chunk} | {r['loss']:.4f} | {r['peak_rise_gib']:.2f} |")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ the driver
 
 
@@ -255,8 +303,16 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="results path without extension")
+    parser.add_argument("--loss-memory", action="store_true", help="CPU: memory of the loss alone (see loss_memory)")
     parser.add_argument("--stack", help=argparse.SUPPRESS)  # internal: run one stack, print its JSON
+    parser.add_argument("--loss-memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.loss_memory_child:
+        variant, chunk = args.loss_memory_child.split(":")
+        print("RESULT " + json.dumps(loss_memory(variant, int(chunk))))
+        return 0
+    if args.loss_memory:
+        return run_loss_memory()
     quick = args.quick
     args.batch = args.batch or (2 if quick else 8)
     args.seq_len = args.seq_len or (32 if quick else 512)
