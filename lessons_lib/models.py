@@ -266,6 +266,8 @@ def _prepare(model, tokenizer, max_seq_length, device, gradient_checkpointing):
     tokenizer.model_max_length = max_seq_length
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:  # a classifier reads it to find each row's last token
+        model.config.pad_token_id = tokenizer.pad_token_id
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max_seq_length > limit:
         logger.info("load_model: max_seq_length=%d is longer than the model's max_position_embeddings=%d; "

@@ -304,3 +304,17 @@ def test_gguf_file_loads_in_4bit_and_answers(tmp_path, monkeypatch):
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, enc["input_ids"].shape[1]:])
+
+
+def test_missing_pad_token_falls_back_to_eos(tmp_path, model_dirs):
+    cfg = transformers.AutoConfig.from_pretrained(model_dirs["qwen2"])
+    cfg.pad_token_id, cfg.num_labels, cfg.architectures = None, 1, ["Qwen2ForSequenceClassification"]
+    transformers.AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "rm")
+    tok = transformers.AutoTokenizer.from_pretrained(model_dirs["qwen2"])
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "rm")
+    model, tokenizer = load_model(tmp_path / "rm", load_in_4bit=False)
+    assert tokenizer.pad_token == tokenizer.eos_token
+    assert model.config.pad_token_id == tokenizer.eos_token_id
+    scores = model(**batch(tokenizer)).logits  # batch > 1 needs a pad id to find each row's last token
+    assert scores.shape == (2, 1)
