@@ -8,8 +8,9 @@ from .config import PPOConfig
 from .core import (AdaptiveKLController, FixedKLController, RunningMoments, compute_gae, compute_rewards,
                    entropy_from_logits, explained_variance, kl_penalty, last_token_index, logprobs_from_logits,
                    masked_mean, masked_var, masked_whiten, policy_loss, value_loss)
+from .rollout import Rollout
 from .sampler import DifficultySampler, PromptLoader
-from .trainer import NonFiniteError, PPOTrainer, Rollout
+from .trainer import NonFiniteError, PPOTrainer
 
 __all__ = [
     "PPOConfig", "PPOTrainer", "NonFiniteError", "Rollout", "DifficultySampler", "PromptLoader",

@@ -1,5 +1,6 @@
 """Rollout plumbing (lesson 04, steps 1-4): sample responses, cut them at EOS, and score every response token
-with the policy, the reference and the critic, one minibatch at a time.
+with the policy, the reference and the critic, one minibatch at a time; the `Rollout` batch that carries the
+results through steps 5-9; and the two model preparations PPO needs (no dropout, no bitsandbytes CPU repacking).
 
 Shapes: B responses, Tq query length (left-padded), Tr response length (right-padded), H hidden size, V vocabulary.
 Only the logits of the response positions are computed (`logits_to_keep`), and they are reduced to one
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -189,3 +191,55 @@ def reference_context(model, ref_model):
     if ref_model is not None:
         return ref_model, nullcontext()
     return model, model.disable_adapter()
+
+
+# --------------------------------------------------------------------------------------------- the batch
+
+
+@dataclass
+class Rollout:
+    """One batch of experience on the training device. Per-token tensors are (B, Tr); queries (B, Tq)."""
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    has_eos: torch.Tensor            # (B,) bool
+    scores: torch.Tensor = None      # (B,) final scores
+    logprobs: torch.Tensor = None
+    ref_logprobs: torch.Tensor = None
+    entropy: torch.Tensor = None
+    values: torch.Tensor = None
+    kl: torch.Tensor = None
+    rewards: torch.Tensor = None
+    advantages: torch.Tensor = None
+    returns: torch.Tensor = None
+
+    def rows(self, idx: torch.Tensor) -> dict:
+        """The tensors of rows `idx`, with padding columns that are padding in every chosen row trimmed."""
+        q_len = int(self.query_mask[idx].sum(1).max())
+        r_len = int(self.response_mask[idx].sum(1).max())
+        out = {"query_ids": self.query_ids[idx, -q_len:], "query_mask": self.query_mask[idx, -q_len:]}
+        for name in ("response_ids", "response_mask", "logprobs", "values", "advantages", "returns"):
+            out[name] = getattr(self, name)[idx, :r_len]
+        return out
+
+
+# --------------------------------------------------------------------------------------------- model preparation
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """p = 0 for every dropout, LoRA's included, and for attention dropout rates stored as floats [N]."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+
+
+def fix_bnb_cpu_repacking(model: nn.Module) -> None:
+    """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks 4-bit weights on the first no-grad forward, after which
+    training gets wrong gradients or fails (docs/ENVIRONMENT.md). PPO alternates both, so switch the repacking off."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False

@@ -95,6 +95,16 @@ def as_reward_fn(reward_model, tokenizer):
                     f"or None; got {type(reward_model).__name__}")
 
 
+def rule_fn(fn):
+    """A rule reward as `(prompt_text, response_text) -> float`; one-argument rules (the article's
+    `custom_reward(response_text)`) get the response only."""
+    try:
+        from lessons_lib.rewards_rules import as_reward_fn as as_rule
+    except ImportError:
+        return fn
+    return as_rule(fn)
+
+
 def critic_source(*reward_models):
     """The sequence-classification module inside a reward model (the user's object, or the scorer built from a
     path), to warm-start a separate critic [N+]."""

@@ -23,80 +23,23 @@ import math
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
-from torch import nn
+
+from lessons_lib.data import left_pad
 
 from .config import PPOConfig
 from .core import (AdaptiveKLController, FixedKLController, RunningMoments, compute_gae, compute_rewards,
-                   explained_variance, masked_mean, masked_var, masked_whiten, policy_loss, value_loss)
-from lessons_lib.data import left_pad
-
-from .rollout import (ValueHead, critic_forward, pad_right, policy_forward, reference_context,
-                      sample_responses, sampling_kwargs, truncate_after_eos)
+                   masked_whiten, policy_loss, value_loss)
+from .rollout import (Rollout, ValueHead, critic_forward, disable_dropout, fix_bnb_cpu_repacking, pad_right,
+                      policy_forward, reference_context, sample_responses, sampling_kwargs, truncate_after_eos)
 from .sampler import DifficultySampler, PromptLoader, prepare_prompts
-from .scoring import as_reward_fn, critic_source, to_scores
+from .scoring import as_reward_fn, critic_source, rule_fn, to_scores
+from .stats import log_line, rollout_stats
 
 
 class NonFiniteError(FloatingPointError):
     """Training met a NaN or inf (reward, loss or gradient) and stopped before applying it."""
-
-
-@dataclass
-class Rollout:
-    """One batch of experience on the training device. Per-token tensors are (B, Tr); queries (B, Tq)."""
-    query_ids: torch.Tensor
-    query_mask: torch.Tensor
-    response_ids: torch.Tensor
-    response_mask: torch.Tensor
-    has_eos: torch.Tensor            # (B,) bool
-    scores: torch.Tensor = None      # (B,) final scores
-    logprobs: torch.Tensor = None
-    ref_logprobs: torch.Tensor = None
-    entropy: torch.Tensor = None
-    values: torch.Tensor = None
-    kl: torch.Tensor = None
-    rewards: torch.Tensor = None
-    advantages: torch.Tensor = None
-    returns: torch.Tensor = None
-
-    def rows(self, idx: torch.Tensor) -> dict:
-        """The tensors of rows `idx`, with padding columns that are padding in every chosen row trimmed."""
-        q_len = int(self.query_mask[idx].sum(1).max())
-        r_len = int(self.response_mask[idx].sum(1).max())
-        out = {"query_ids": self.query_ids[idx, -q_len:], "query_mask": self.query_mask[idx, -q_len:]}
-        for name in ("response_ids", "response_mask", "logprobs", "values", "advantages", "returns"):
-            out[name] = getattr(self, name)[idx, :r_len]
-        return out
-
-
-def _disable_dropout(model: nn.Module) -> None:
-    """p = 0 for every dropout, LoRA's included, and for attention dropout rates stored as floats [N]."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for attr in ("attention_dropout", "dropout"):
-            if isinstance(getattr(module, attr, None), float):
-                setattr(module, attr, 0.0)
-
-
-def _fix_bnb_cpu_repacking(model: nn.Module) -> None:
-    """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks 4-bit weights on the first no-grad forward, after which
-    training gets wrong gradients or fails (docs/ENVIRONMENT.md). PPO alternates both, so switch the repacking off."""
-    for module in model.modules():
-        if type(module).__name__ == "Linear4bit" and getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-
-
-def _two_argument(fn):
-    """A rule reward as `(prompt_text, response_text) -> float`; one-argument rules (the article's
-    `custom_reward(response_text)`) get the response only."""
-    try:
-        from lessons_lib.rewards_rules import as_reward_fn as as_rule
-    except ImportError:
-        return fn
-    return as_rule(fn)
 
 
 class PPOTrainer:
@@ -119,13 +62,13 @@ class PPOTrainer:
         self.device = next(model.parameters()).device
         self.is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
         if config.disable_dropout:
-            _disable_dropout(model)
-        _fix_bnb_cpu_repacking(model)
+            disable_dropout(model)
+        fix_bnb_cpu_repacking(model)
         self.ref_model = self._reference(ref_model)
         self.reward_model = reward_model
         self.reward_fn = as_reward_fn(reward_model, tokenizer)
         pairs = [entry if isinstance(entry, (tuple, list)) else (entry, 1.0) for entry in reward_fns]
-        self.reward_fns = [(fn, _two_argument(fn), float(w)) for fn, w in pairs]
+        self.reward_fns = [(fn, rule_fn(fn), float(w)) for fn, w in pairs]
         self.value_head, self.critic = self._value_function(reward_model)
         self._params = [p for p in model.parameters() if p.requires_grad] + [
             p for p in (self.value_head or self.critic).parameters() if p.requires_grad]
@@ -169,7 +112,7 @@ class PPOTrainer:
             raise ValueError("value_model='reward' needs a reward model that shares the policy's tokenizer")
         for p in critic.parameters():
             p.requires_grad_(True)
-        _disable_dropout(critic)
+        disable_dropout(critic)
         return None, critic.train()
 
     def _optimizer(self):
@@ -281,7 +224,7 @@ class PPOTrainer:
     def finish_step(self, queries, roll: Rollout, raw: torch.Tensor, stats: dict, times: dict | None = None) -> dict:
         """After the update: rollout statistics, the KL controller, the sampler, the step counter, saving, logging."""
         cfg = self.config
-        stats.update(self._rollout_stats(roll, raw))
+        stats.update(rollout_stats(roll, raw, self.kl_ctl.value, self.last_reward_parts))
         self.kl_ctl.update(stats["objective/kl"], cfg.batch_size)
         self._update_sampler(queries, roll)
         self.last_rollout = roll
@@ -420,28 +363,6 @@ class PPOTrainer:
         return out
 
     # ------------------------------------------------------------------------------------------ after a step
-    @torch.no_grad()
-    def _rollout_stats(self, roll: Rollout, raw: torch.Tensor) -> dict:
-        mask = roll.response_mask.float()
-        lengths = mask.sum(1)
-        kl_seq = roll.kl.sum(1)
-        entropy_seq = roll.entropy.sum(1)
-        non_score = (-self.kl_ctl.value * roll.kl).sum(1)
-        stats = {
-            "objective/kl": kl_seq.mean(), "objective/kl_coef": self.kl_ctl.value,
-            "objective/entropy": entropy_seq.mean(), "objective/entropy_per_token": masked_mean(roll.entropy, mask),
-            "objective/scores": roll.scores.mean(), "objective/raw_scores": raw.mean(),
-            "objective/non_score_reward": non_score.mean(), "objective/rlhf_reward": (roll.scores + non_score).mean(),
-            "ppo/returns/mean": masked_mean(roll.returns, mask), "ppo/returns/var": masked_var(roll.returns, mask, False),
-            "ppo/val/mean": masked_mean(roll.values, mask), "ppo/val/var": masked_var(roll.values, mask, False),
-            "ppo/val/explained_variance": explained_variance(roll.values, roll.returns, mask),
-            "ppo/advantages/mean": masked_mean(roll.advantages, mask),
-            "env/response_length": lengths.mean(), "env/eos_rate": roll.has_eos.float().mean(),
-        }
-        for name, part in self.last_reward_parts.items():
-            stats[f"env/reward/{name}"] = part.float().mean()
-        return {k: float(v) for k, v in stats.items()}
-
     def _update_sampler(self, queries, roll: Rollout) -> None:
         if self.dataloader is None:
             return
@@ -456,13 +377,7 @@ class PPOTrainer:
                 entropies.append(float(entropy[i]))
         self.dataloader.sampler.update(ids, rewards, entropies)
 
-    @staticmethod
-    def log_line(stats: dict) -> str:
-        """The one-line progress summary of a step's stats."""
-        return (f"score {stats['objective/scores']:+.3f} | kl {stats['objective/kl']:.3f} | "
-                f"beta {stats['objective/kl_coef']:.3f} | entropy/token {stats['objective/entropy_per_token']:.3f} | "
-                f"clipfrac {stats['ppo/policy/clipfrac']:.3f} | vf loss {stats['ppo/loss/value']:.3f} | "
-                f"{stats['time/ppo/total']:.2f} s")
+    log_line = staticmethod(log_line)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory) -> str:
