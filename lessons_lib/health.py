@@ -75,12 +75,14 @@ def attention_impl(torch, flash_attn) -> str:
     return "sdpa (torch scaled_dot_product_attention)"
 
 
-def bf16_supported(torch) -> bool:
+def bf16_line(torch) -> str:
+    """Same rule as `lessons_lib.is_bfloat16_supported`: bf16 training only on a GPU with native bf16."""
     if torch is None:
-        return False
+        return "unknown (no torch)"
     if torch.cuda.is_available():
-        return bool(torch.cuda.is_bf16_supported())
-    return True  # CPU: bf16 tensors work everywhere; fp32 is still the CPU default dtype (see models.load_model)
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return "yes: training dtype bf16" if native else "no: training dtype fp16 (with loss scaling)"
+    return "no on CPU (bf16 matmuls are emulated and slower): training dtype fp32"
 
 
 def cpu_flags() -> set[str]:
@@ -132,7 +134,7 @@ def collect() -> Report:
             r.add(f"GPU {i}", f"{p.name}, {p.total_memory / 2**30:.1f} GiB, compute capability {p.major}.{p.minor}")
     else:
         r.add("GPU", "none: the course runs the tiny offline world on CPU")
-    r.add("bf16 supported", "yes" if bf16_supported(torch) else "no")
+    r.add("bf16 supported", bf16_line(torch))
     r.add("attention", attention_impl(torch, modules["flash_attn"]))
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     r.add("Hugging Face hub", "offline (HF_HUB_OFFLINE=1)" if offline else "online allowed")
