@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Everything measured on the GPU machine, in one call. Usage (from the repository root, on the GPU machine):
 #
-#   bash benchmarks/gpu_run.sh [STAGE ...]      stages: env cuda-tests kernels train rollout reward ppo scale7b scaling
+#   bash benchmarks/gpu_run.sh [STAGE ...]            run stages in the foreground, pack results into $OUT
+#   bash benchmarks/gpu_run.sh --detach [STAGE ...]   start them in the background (setsid) and return
+#   bash benchmarks/gpu_run.sh --wait SECONDS         wait (at most SECONDS) for a detached run, print progress
+#   bash benchmarks/gpu_run.sh --collect              pack what a detached run has written into $OUT/results.tgz
+# stages: env cuda-tests kernels train rollout reward ppo scale7b scaling
 #
-# With two GPUs, stages run in two parallel lanes (one per GPU) so one call measures more. Every stage writes
-# under benchmarks/results/ or kernels/results/; at the end those folders and the logs are packed into
-# $OUT/results.tgz (the device tool brings back at most 8 files).
+# With two GPUs, stages run in two parallel lanes (one per GPU) so one call measures more. A detached run
+# outlives the 10-minute limit of one device call as long as the next call comes before the machine is given
+# back. Every stage writes under benchmarks/results/ or kernels/results/; after each stage those folders are
+# copied to $W (outside the checkout, which the next call re-syncs) and packed from there.
 # Wheels for what the GPU image lacks (bitsandbytes, liger-kernel, trl 1.12 + datasets, Unsloth and its
 # dependencies) travel in .whl/ (docs/GPU.md says how to fetch them). Unsloth patches transformers when it is
 # imported, so the benchmarks import it only in subprocesses of their own.
@@ -13,7 +18,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" logs
+OUT=${OUT:-/tmp/out}; W=/tmp/gpurun; mkdir -p "$OUT" "$W/logs"
+case "${1:-}" in
+  --detach) shift; rm -rf "$W"; mkdir -p "$W/logs"
+            setsid nohup bash "$0" "$@" > "$W/run.log" 2>&1 < /dev/null & echo "detached: $W/run.log"; exit 0 ;;
+  --wait)   end=$((SECONDS + $2)); while [ ! -f "$W/done" ] && [ $SECONDS -lt $end ]; do sleep 10; done
+            grep -h "===" "$W"/logs/lane*.txt "$W/run.log" 2>/dev/null; [ -f "$W/done" ] && echo "run finished"; exit 0 ;;
+  --collect) cat "$W/run.log" "$W"/logs/lane*.txt 2>/dev/null | tail -n 150
+            tar czf "$OUT/results.tgz" -C "$W" . 2>/dev/null; ls -la "$OUT"; exit 0 ;;
+esac
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || echo "wheel install failed"
 fi
@@ -35,19 +48,20 @@ stage() {  # stage NAME GPU
     scale7b)    CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/ppo_memory.py ;;
     scaling)    python3 benchmarks/scaling.py ;;
     *)          echo "unknown stage $name" ;;
-  esac > "logs/$name.log" 2>&1
+  esac > "$W/logs/$name.log" 2>&1
   local rc=$?
-  echo "=== [$name] done in $((SECONDS - t0)) s (rc $rc)"; tail -n 25 "logs/$name.log"
+  mkdir -p "$W/results"; cp -r benchmarks/results kernels/results "$W/results/" 2>/dev/null
+  echo "=== [$name] done in $((SECONDS - t0)) s (rc $rc)"; tail -n 25 "$W/logs/$name.log"
 }
 
 if [ "$NGPU" -ge 2 ]; then
   lane0=() lane1=(); i=0
   for s in $STAGES; do if [ $((i % 2)) -eq 0 ]; then lane0+=("$s"); else lane1+=("$s"); fi; i=$((i + 1)); done
-  ( for s in "${lane0[@]}"; do stage "$s" 0; done ) > logs/lane0.txt 2>&1 &
-  ( for s in "${lane1[@]}"; do stage "$s" 1; done ) > logs/lane1.txt 2>&1 &
-  wait; cat logs/lane0.txt logs/lane1.txt
+  ( for s in "${lane0[@]}"; do stage "$s" 0; done ) > "$W/logs/lane0.txt" 2>&1 &
+  ( for s in "${lane1[@]}"; do stage "$s" 1; done ) > "$W/logs/lane1.txt" 2>&1 &
+  wait; cat "$W/logs/lane0.txt" "$W/logs/lane1.txt"
 else
-  for s in $STAGES; do stage "$s" 0; done
+  for s in $STAGES; do stage "$s" 0; done > "$W/logs/lane0.txt" 2>&1; cat "$W/logs/lane0.txt"
 fi
-tar czf "$OUT/results.tgz" benchmarks/results kernels/results logs 2>/dev/null
-ls -la "$OUT"
+touch "$W/done"
+tar czf "$OUT/results.tgz" -C "$W" . 2>/dev/null; ls -la "$OUT"
