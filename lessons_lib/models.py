@@ -257,6 +257,8 @@ def _load_adapters(folder, adapter_config, max_seq_length, dtype, load_in_4bit, 
 
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         tokenizer.model_max_length = max_seq_length
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
