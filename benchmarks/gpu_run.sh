@@ -50,7 +50,7 @@ stage() {  # stage NAME GPU
     *)          echo "unknown stage $name" ;;
   esac > "$W/logs/$name.log" 2>&1
   local rc=$?
-  mkdir -p "$W/results"; cp -r benchmarks/results kernels/results "$W/results/" 2>/dev/null
+  mkdir -p "$W/benchmarks" "$W/kernels"; cp -r benchmarks/results "$W/benchmarks/"; cp -r kernels/results "$W/kernels/" 2>/dev/null
   echo "=== [$name] done in $((SECONDS - t0)) s (rc $rc)"; tail -n 25 "$W/logs/$name.log"
 }
 
