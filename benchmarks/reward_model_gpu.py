@@ -41,14 +41,16 @@ VARIANTS = {  # name -> (description, from_backbone kwargs)
 
 
 def pairs(n: int, seq_len: int, seed: int = 0) -> list[dict]:
-    """Tiny-world preference pairs whose answers are padded with repeated sentences to about `seq_len` tokens."""
+    """Tiny-world preference pairs whose answers start with repeated sentences, to about `seq_len` tokens in all.
+
+    The filler comes first, so the part that tells chosen from rejected is never cut by left truncation."""
     import random
 
     from lessons_lib.tiny.datasets import preference_rows
 
     rows = preference_rows(random.Random(seed), n)
-    filler = " It is well known." * max(1, seq_len // 5)   # ~5 tokens per repeat in any byte-level BPE
-    return [{**r, "chosen": r["chosen"] + filler, "rejected": r["rejected"] + filler} for r in rows]
+    filler = "It is well known. " * max(0, (seq_len - 64) // 5)   # ~5 tokens per repeat in a byte-level BPE
+    return [{**r, "chosen": filler + r["chosen"], "rejected": filler + r["rejected"]} for r in rows]
 
 
 def run_variant(args) -> dict:

@@ -82,34 +82,17 @@ class RewardModel:
         learns nothing by itself); `lora_r` alone trains LoRA adapters on a 16/32-bit backbone.
         `gradient_checkpointing` recomputes activations in backward (non-reentrant): less memory, ~30% more time.
         """
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
 
         if load_in_4bit and not lora_r:
             raise ValueError("RewardModel.from_backbone: load_in_4bit=True needs lora_r (4-bit weights are frozen)")
         source = _resolve(name_or_path)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = dtype or (torch.float32 if device == "cpu" else _gpu_dtype())
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(source)
-        kwargs = dict(num_labels=1, dtype=dtype)
-        if load_in_4bit:
-            from transformers import BitsAndBytesConfig
-
-            kwargs.update(device_map={"": device}, quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype))
         torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
-        if not load_in_4bit:
-            model.to(device)
-        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-            tokenizer.eos_token_id
+        model = _load_classifier(source, tokenizer, dtype, load_in_4bit)
         init_reward_head(model)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if load_in_4bit:
-            from lessons_lib.models import fix_bnb_cpu_repack
-
-            fix_bnb_cpu_repack(model)
         if lora_r:
             from peft import LoraConfig, get_peft_model
 
@@ -120,9 +103,9 @@ class RewardModel:
         return cls(model, tokenizer, max_length=max_length, base=str(name_or_path), load_in_4bit=load_in_4bit)
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs):
+    def from_pretrained(cls, path, dtype=None):
         """Load a reward model saved by `save` (or any one-label sequence classifier folder, or a tiny id)."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
 
         path = Path(_resolve(path))
         meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
@@ -132,12 +115,11 @@ class RewardModel:
 
             if not meta.get("base"):
                 raise ValueError(f"{path}: LoRA reward model without its base model name in {META_FILE}")
-            backbone = cls.from_backbone(meta["base"], tokenizer=tokenizer, load_in_4bit=meta.get("load_in_4bit",
-                                                                                                   False), **kwargs)
-            model = PeftModel.from_pretrained(backbone.model, path)
+            base = _load_classifier(_resolve(meta["base"]), tokenizer, dtype,
+                                    meta.get("load_in_4bit", False))
+            model = PeftModel.from_pretrained(base, path)   # adapters and the trained head
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
-            model.to("cuda" if torch.cuda.is_available() else "cpu")
+            model = _load_classifier(str(path), tokenizer, dtype)
         model.eval()
         return cls(model, tokenizer, mean=meta.get("mean", 0.0), std=meta.get("std", 1.0),
                    max_length=meta.get("max_length", 512), base=meta.get("base"),
@@ -220,6 +202,31 @@ class RewardModel:
         raw = self.score(prompts, responses, normalize=False)
         self.mean, self.std = raw.mean().item(), max(raw.std().item(), 1e-6)
         return self.mean, self.std
+
+
+def _load_classifier(source: str, tokenizer, dtype=None, load_in_4bit: bool = False):
+    """A one-label sequence classifier on `source`'s backbone, on the GPU if there is one (NF4 if asked)."""
+    from transformers import AutoModelForSequenceClassification
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = dtype or (torch.float32 if device == "cpu" else _gpu_dtype())
+    kwargs = dict(num_labels=1, dtype=dtype)
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs.update(device_map={"": device}, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype))
+    model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    if load_in_4bit:
+        from lessons_lib.models import fix_bnb_cpu_repack
+
+        fix_bnb_cpu_repack(model)   # bitsandbytes' CPU repack would break training after a no-grad forward
+    else:
+        model.to(device)
+    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    return model
 
 
 def _resolve(name_or_path) -> str:

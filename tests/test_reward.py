@@ -177,12 +177,17 @@ def test_encode_rejects_mismatched_or_empty_batches(tokenizer):
         rm.score([], [])
 
 
-def test_lora_reward_model_trains_adapters_and_head_and_round_trips(tmp_path):
-    rm = RewardModel.from_backbone("tiny-qwen2-sft", lora_r=4, target_modules=["q_proj", "v_proj"])
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["lora", "4bit-lora"])
+def test_lora_reward_model_trains_adapters_and_head_and_round_trips(tmp_path, load_in_4bit):
+    rm = RewardModel.from_backbone("tiny-qwen2-sft", lora_r=4, target_modules=["q_proj", "v_proj"],
+                                   load_in_4bit=load_in_4bit)
     trainable = {n for n, p in rm.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "score" in n for n in trainable), sorted(trainable)[:5]
     assert any("score" in n for n in trainable)
+    if load_in_4bit:
+        assert any("4bit" in type(m).__name__ for m in rm.model.modules())
     rows = tiny_pairs(32, seed=21)
+    rm.score(PROMPTS, RESPONSES)   # a no-grad forward first: bitsandbytes' CPU repack must not break training after
     rm.model.train()
     loss = bradley_terry_loss(*[rm.rewards(**rm.encode([r["prompt"] for r in rows], [r[k] for r in rows]))
                                 for k in ("chosen", "rejected")])
