@@ -201,3 +201,18 @@ def test_lora_reward_model_trains_adapters_and_head_and_round_trips(tmp_path, lo
     rm.save(tmp_path / "lora-rm")
     loaded = RewardModel.from_pretrained(tmp_path / "lora-rm")
     torch.testing.assert_close(loaded.score(PROMPTS, RESPONSES), rm.score(PROMPTS, RESPONSES), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_any_causal_lm_backbone_becomes_a_reward_model(tmp_path, arch):
+    """A causal-LM folder (random weights) loads as a one-label classifier; padding side does not change rewards."""
+    from lessons_lib.models import save_random_model
+
+    folder = save_random_model(tmp_path / arch, arch)
+    rm = RewardModel.from_backbone(folder)
+    assert type(rm.model).__name__ == f"{'Qwen2' if arch == 'qwen2' else 'Llama'}ForSequenceClassification"
+    prompts, responses = ["Name two colors.", "Write a bullet list of three fruits."], ["red", "- apple\n- pear\n- plum"]
+    left = rm.score(prompts, responses, normalize=False)
+    single = torch.cat([rm.score([p], [r], normalize=False) for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(left, single, atol=1e-5, rtol=1e-5)
+    assert left.std() > 0

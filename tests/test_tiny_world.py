@@ -189,3 +189,9 @@ def test_load_model_takes_tiny_ids():
     model, tok = load_model("tiny-qwen2-sft", max_seq_length=256, load_in_4bit=False)
     assert type(model).__name__ == "Qwen2ForCausalLM" and tok.eos_token == "<|im_end|>"
     assert 0.85e6 < sum(p.numel() for p in model.parameters()) < 1.0e6
+
+
+def test_model_folders_carry_the_tokenizer_files_unchanged():
+    for name in ("tiny-qwen2-sft", "tiny-qwen2-reward"):
+        for f in (tiny_dir() / "tokenizer").iterdir():
+            assert (resolve(name) / f.name).read_bytes() == f.read_bytes(), (name, f.name)

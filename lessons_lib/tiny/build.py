@@ -10,6 +10,7 @@ and a short model build). A checkout ships the results in data/tiny/, so noteboo
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -39,6 +40,12 @@ def load_tokenizer(tiny_dir: Path):
     return AutoTokenizer.from_pretrained(tiny_dir / TOKENIZER_DIR)
 
 
+def copy_tokenizer(tiny_dir: Path, out_dir: Path) -> None:
+    """Put the tokenizer files into a model folder as they are (a re-save would record how they were loaded)."""
+    for f in (tiny_dir / TOKENIZER_DIR).iterdir():
+        shutil.copyfile(f, out_dir / f.name)
+
+
 def build_sft_model(out_dir: Path, tiny_dir: Path, config: SFTConfig = SFT_CONFIG, progress: bool = True) -> None:
     """tiny-qwen2-sft: a fresh tiny Qwen2 trained on the score-mode data (response + EOS loss)."""
     from lessons_lib.tiny import data_file
@@ -47,7 +54,7 @@ def build_sft_model(out_dir: Path, tiny_dir: Path, config: SFTConfig = SFT_CONFI
     tokenizer = load_tokenizer(tiny_dir)
     model, _ = train_sft(tokenizer, read_jsonl(data_file("sft")), config, progress=progress)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    copy_tokenizer(tiny_dir, out_dir)
 
 
 def build_reward_model(out_dir: Path, tiny_dir: Path, epochs: int = RM_EPOCHS, lr: float = RM_LR,
@@ -65,6 +72,7 @@ def build_reward_model(out_dir: Path, tiny_dir: Path, epochs: int = RM_EPOCHS, l
         m = evaluate_reward_model(rm, load_instruction_data(data_file(split)))
         metrics[split] = {k: round(v, 4) for k, v in m.items() if k != "calibration"}
     rm.save(out_dir, metrics=metrics)
+    copy_tokenizer(tiny_dir, out_dir)
 
 
 def build_all(force: bool = False) -> dict[str, float]:
