@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from lessons_lib.loss import causal_lm_loss  # noqa: F401  (public here since lesson 02; lives in loss.py)
+
 logger = logging.getLogger(__name__)
 
 HUB_TIMEOUT_S = 3.0  # how long to wait for the hub before treating the machine as offline
@@ -502,43 +504,6 @@ def _plain_state_dict(base, dtype) -> dict:
             # copies: the merged model must never share storage with `base` (merging in place would change it)
             state[key] = value.to(dtype, copy=True) if value.is_floating_point() else value.clone()
     return state
-
-
-# ------------------------------------------------------------------------------------------ a lean loss
-
-
-def causal_lm_loss(model, input_ids, attention_mask=None, labels=None, chunk_tokens: int = 1024):
-    """Mean next-token cross-entropy, equal to `model(..., labels=labels).loss`, without (B, T, V) logits.
-
-    The usual loss keeps B*T*V logits (and an fp32 copy inside the cross-entropy) alive until the backward: for
-    Qwen2-1.5B at B=8, T=512 that is 4,096 x 151,936 values, 1.2 GB in bf16 and 2.5 GB in fp32. Here the decoder
-    runs once, then lm_head + cross-entropy run on `chunk_tokens` positions at a time under non-reentrant
-    checkpointing, so only one chunk of logits exists at any moment and the backward recomputes it (one extra
-    lm_head matmul). labels: default `input_ids`; -100 and padded positions (attention_mask 0) are ignored.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    labels = input_ids if labels is None else labels
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    targets = labels[:, 1:]  # position t predicts token t+1
-    if attention_mask is not None:
-        targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
-    targets = targets.reshape(-1)  # (B*(T-1),)
-    count = (targets != -100).sum()
-    if count == 0:
-        raise ValueError("causal_lm_loss: no position has a label (all -100 or padding)")
-    lm_head = base.get_output_embeddings()
-    total = sum(checkpoint(_summed_cross_entropy, lm_head, h[i:i + chunk_tokens], targets[i:i + chunk_tokens],
-                           use_reentrant=False)
-                for i in range(0, h.shape[0], chunk_tokens))
-    return total / count
-
-
-def _summed_cross_entropy(lm_head, h, targets):
-    logits = lm_head(h).float()  # (chunk, V): the only logits alive at a time
-    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
 
 
 # ------------------------------------------------------------------------------------------ random models
