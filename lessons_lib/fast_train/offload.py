@@ -26,7 +26,7 @@ class Offloader:
     """Host copies of the layer inputs of the latest forward pass with autograd, two device slots for the way back."""
 
     def __init__(self):
-        self.key = None
+        self._buffers: dict = {}            # shape key -> (host list, two device slots); kept: graphs hold them
         self.host: list[torch.Tensor] = []
         self.slots: list[torch.Tensor] = []
         self.owner: list[int] = []          # which forward pass (generation) wrote host[i]
@@ -35,24 +35,27 @@ class Offloader:
         self.stream = self.events = None
 
     def nbytes(self) -> dict:
+        """Bytes held for every shape seen: pinned host memory and device slots."""
         size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-        return {"host": size(self.host), "device": size(self.slots)}
+        return {"host": sum(size(h) for h, _ in self._buffers.values()),
+                "device": sum(size(s) for _, s in self._buffers.values())}
 
     def prepare(self, n_layers: int, like: torch.Tensor):
-        """Buffers for this shape (allocated on the first forward of a shape; never during a graph capture)."""
+        """Select the buffers of this shape, allocating them on its first forward (never during a graph capture).
+        Buffers are kept for every shape seen, since a captured graph reads and writes them."""
         key = (n_layers, tuple(like.shape), like.dtype, like.device)
-        if key == self.key:
-            return
         cuda = like.is_cuda
-        if cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"offload: no host buffers for shape {tuple(like.shape)}; run one step of this shape "
-                               f"before capturing a CUDA graph (compile_train_step does)")
-        self.key = key
-        self.host = [torch.empty(like.shape, dtype=like.dtype, pin_memory=cuda) for _ in range(n_layers)]
-        self.slots = [torch.empty_like(like) for _ in range(2)]
-        self.owner = [-1] * n_layers
+        if key not in self._buffers:
+            if cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"offload: no host buffers for shape {tuple(like.shape)}; run one step of this "
+                                   f"shape before capturing a CUDA graph (compile_train_step does)")
+            self._buffers[key] = ([torch.empty(like.shape, dtype=like.dtype, pin_memory=cuda) for _ in range(n_layers)],
+                                  [torch.empty_like(like) for _ in range(2)])
+        self.host, self.slots = self._buffers[key]
+        if len(self.owner) != n_layers:
+            self.owner = [-1] * n_layers
         self.loaded = [None, None]
-        if cuda:
+        if cuda and self.stream is None:
             self.stream = torch.cuda.Stream(like.device)
             self.events = [torch.cuda.Event() for _ in range(2)]
 

@@ -1,0 +1,171 @@
+"""lessons_lib.fast_train: FastDecoder's loss and every LoRA gradient equal transformers + peft's; the offload
+bookkeeping; compile_train_step (eager here, CUDA graphs in the cuda-marked tests)."""
+
+import logging
+
+import pytest
+import torch
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+from lessons_lib.fast_train import FastDecoder, compile_train_step  # noqa: E402
+from lessons_lib.models import get_peft_model, load_model, save_random_model  # noqa: E402
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# sizes unlike the defaults (multiples of 64 for the bitsandbytes AVX512 CPU kernel, docs/LOADING.md), 3 layers
+SIZES = dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=2, intermediate_size=320,
+             num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast_models")
+    return {arch: save_random_model(root / arch, arch=arch, seed=11 + i, **SIZES)
+            for i, arch in enumerate(["qwen2", "llama"])}
+
+
+def lora_model(path, load_in_4bit=True, targets=ALL, r=4, device=None, dtype=None, **kw):
+    """A model with random A *and* B (peft's default B = 0 would leave A's gradient zero: a weak test)."""
+    model, _ = load_model(path, load_in_4bit=load_in_4bit, device=device, dtype=dtype, gradient_checkpointing=False)
+    peft_model = get_peft_model(model, r=r, target_modules=targets, init_lora_weights=False, verbose=False, **kw)
+    return peft_model.train()
+
+
+def batch(B=3, T=37, vocab=300, padded=False, device="cpu", seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=gen)
+    mask = None
+    if padded:  # left padding of different lengths, one row without
+        mask = torch.ones(B, T, dtype=torch.long)
+        mask[0, :5] = 0
+        mask[-1, :11] = 0
+    labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(ids), to(mask), to(labels)
+
+
+def loss_and_grads(model, compute):
+    model.zero_grad(set_to_none=True)
+    loss = compute()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same(got, ref, loss_tol, grad_tol):
+    (loss, grads), (ref_loss, ref_grads) = got, ref
+    torch.testing.assert_close(loss, ref_loss, rtol=loss_tol, atol=loss_tol)
+    assert grads.keys() == ref_grads.keys() and ref_grads
+    for name, ref_grad in ref_grads.items():
+        scale = ref_grad.abs().max().item()
+        assert scale > 0, f"{name}: reference gradient is zero (the test would be weak)"
+        torch.testing.assert_close(grads[name], ref_grad, rtol=grad_tol, atol=grad_tol * scale, msg=name)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "left-padded"])
+@pytest.mark.parametrize("load_in_4bit", [True, False], ids=["4bit", "fp32"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_loss_and_every_lora_gradient_equal_transformers(model_dirs, arch, load_in_4bit, padded):
+    model = lora_model(model_dirs[arch], load_in_4bit)
+    ids, mask, labels = batch(padded=padded)
+    ref = loss_and_grads(model, lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    # odd chunks: 111 rows = 3 MLP chunks of 29 + 24, and 7 loss chunks of 17 + 9
+    dec = FastDecoder(model, mlp_chunk_tokens=29, loss_chunk_tokens=17)
+    assert_same(loss_and_grads(model, lambda: dec.loss(ids, mask, labels)), ref, 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["gate_proj", "down_proj"], ["o_proj", "up_proj"]])
+def test_some_projections_without_adapters(model_dirs, targets):
+    """Layers whose attention (or MLP) has nothing trainable take other branches of the backward."""
+    model = lora_model(model_dirs["qwen2"], targets=targets)
+    ids, _, _ = batch(B=2, T=20)
+    ref = loss_and_grads(model, lambda: model(input_ids=ids, labels=ids).loss)
+    dec = FastDecoder(model, mlp_chunk_tokens=16)
+    assert_same(loss_and_grads(model, lambda: dec.loss(ids)), ref, 1e-5, 1e-4)
+
+
+def test_hidden_states_without_grad_and_with_adapters_disabled(model_dirs):
+    model = lora_model(model_dirs["llama"])
+    ids, mask, _ = batch(padded=True)
+    dec = FastDecoder(model)
+    with torch.no_grad():
+        torch.testing.assert_close(dec(ids, mask), model(input_ids=ids, attention_mask=mask,
+                                                          output_hidden_states=True).hidden_states[-1])
+        with model.disable_adapter():  # PPO's reference pass: the base model
+            base = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            torch.testing.assert_close(dec(ids, mask), base)
+        assert (dec(ids, mask) - base).abs().max() > 1e-3  # the adapters do change the output
+
+
+def test_offload_bookkeeping(model_dirs):
+    """offload=True (host copies + two slots; on a CPU plain copies) gives exactly the same gradients, and a second
+    forward before the backward of the first is refused instead of silently mixing their checkpoints."""
+    model = lora_model(model_dirs["qwen2"])
+    ids, mask, labels = batch(padded=True)
+    ref = loss_and_grads(model, lambda: FastDecoder(model).loss(ids, mask, labels))
+    dec = FastDecoder(model, offload=True)
+    assert_same(loss_and_grads(model, lambda: dec.loss(ids, mask, labels)), ref, 0, 0)
+    assert dec._offloader.nbytes()["host"] == 3 * ids.numel() * SIZES["hidden_size"] * 4
+    first = dec.loss(ids, mask, labels)
+    dec.loss(ids, mask, labels)
+    with pytest.raises(RuntimeError, match="another forward pass"):
+        first.backward()
+
+
+def test_clear_errors(model_dirs, tmp_path):
+    model = lora_model(model_dirs["qwen2"], lora_dropout=0.1)
+    with pytest.raises(NotImplementedError, match="lora_dropout"):
+        FastDecoder(model).loss(*batch()[:1])
+    model.eval()  # dropout is off in eval mode: fine
+    FastDecoder(model)(batch()[0])
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(NotImplementedError, match="supports"):
+        FastDecoder(gpt2)
+    full = transformers.AutoModelForCausalLM.from_pretrained(model_dirs["qwen2"])  # every weight trainable
+    with pytest.raises(NotImplementedError, match="trainable"):
+        FastDecoder(full)
+
+
+# ---------------------------------------------------------------------------------------------- the step
+
+
+def test_compile_train_step_equals_a_plain_loop(model_dirs):
+    """On a CPU the step runs eagerly: same losses and parameters as the usual loop; update=False accumulates."""
+    results = []
+    for use_step in (False, True):
+        torch.manual_seed(0)
+        model = lora_model(model_dirs["llama"], load_in_4bit=False)
+        dec = FastDecoder(model)
+        opt = torch.optim.AdamW(dec.trainable_parameters(), lr=1e-2)
+        ids = [batch(B=2, T=16, seed=s)[0] for s in range(3)]
+        losses = []
+        if use_step:
+            step = compile_train_step(lambda input_ids: dec.loss(input_ids), opt, {"input_ids": ids[0]},
+                                      max_grad_norm=1.0)
+            assert not step.graphed
+            losses.append(step({"input_ids": ids[0]}))
+            step({"input_ids": ids[1]}, update=False)  # accumulate two batches, one update
+            losses.append(step({"input_ids": ids[2]}))
+        else:
+            for i, update in ((0, True), (1, False), (2, True)):
+                loss = dec.loss(ids[i])
+                loss.backward()
+                if update:
+                    torch.nn.utils.clip_grad_norm_(dec.trainable_parameters(), 1.0)
+                    opt.step()
+                    opt.zero_grad()
+                    losses.append(loss.detach())
+        results.append((losses, [p.detach().clone() for p in dec.trainable_parameters()]))
+    (ref_losses, ref_params), (losses, params) = results
+    torch.testing.assert_close(losses, ref_losses, rtol=0, atol=0)
+    torch.testing.assert_close(params, ref_params, rtol=0, atol=0)
+
+
+def test_compile_train_step_errors(model_dirs):
+    frozen = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+    with pytest.raises(ValueError, match="no parameter"):
+        compile_train_step(lambda: frozen.sum(), torch.optim.SGD([frozen], lr=1.0))
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="CUDA device"):
+        compile_train_step(lambda: p.sum(), torch.optim.SGD([p], lr=1.0), cuda_graph=True)
