@@ -28,9 +28,12 @@ def summary(results):
     """One line per kernel and shape: ours (fwd+bwd, or fwd for NF4) against each baseline of the same run.
 
     results: {kernel: (rows, copy_gbps)}, as `bench.load_results()` reads them from kernels/results/*.json.
+    Times: per call (eager launches, what a loop of calls sees) and device (CUDA-graph replay: the kernels alone);
+    % of copy from the device time; ratios are baseline / ours, per call and on the device.
     """
-    lines = ["| kernel | shape | mode | ours ms | ours % of copy | target | eager / ours | compile / ours | "
-             "liger or bnb / ours |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | shape | mode | ours ms per call | ours host ms | ours device ms | device % of copy | "
+             "target | regime | eager / ours | compile / ours | liger or bnb / ours |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kernel, (rows, copy_gbps) in results.items():
         for r in rows:
             r.finish(copy_gbps)
@@ -40,11 +43,21 @@ def summary(results):
                 continue
             by = {r.provider: r for r in rows if r.shape == shape and r.mode == mode}
             ours = by["ours"]
-            ratio = lambda name: f"{by[name].ms / ours.ms:.2f}x" if name in by and by[name].ms else "-"  # noqa: E731
+
+            def ratio(name):
+                other = by.get(name)
+                if other is None or not other.ms:
+                    return "-"
+                device = (f"{other.device_ms / ours.device_ms:.2f}x" if other.device_ms and ours.device_ms
+                          else "-")
+                return f"{other.ms / ours.ms:.2f}x / {device}"
+
+            fmt = lambda v, spec: (spec % v) if v is not None else "-"  # noqa: E731
             other = ratio("liger") if "liger" in by else ratio("bitsandbytes")
-            pct = f"{ours.pct_copy:.0f}%" if ours.pct_copy is not None else "-"
-            lines.append(f"| {kernel} | {shape} | {mode} | {ours.ms:.3f} | {pct} | {TARGETS.get(kernel, '-')}% | "
-                         f"{ratio('eager')} | {ratio('compile')} | {other} |")
+            lines.append(f"| {kernel} | {shape} | {mode} | {ours.ms:.3f} | {fmt(ours.host_ms, '%.3f')} | "
+                         f"{fmt(ours.device_ms, '%.3f')} | {fmt(ours.device_pct_copy, '%.0f%%')} | "
+                         f"{TARGETS.get(kernel, '-')}% | {ours.regime} | {ratio('eager')} | {ratio('compile')} | "
+                         f"{other} |")
     return "\n".join(lines)
 
 
@@ -84,8 +97,11 @@ def main():
     header = [f"# Kernel summary ({info.get('gpu', '?')})", "",
               "- command: `python kernels/bench_all.py" + (" --quick" if args.quick else "") + "` (and --only parts)",
               "- hardware: " + ", ".join(f"{k} {v}" for k, v in info.items()),
-              "- fwd+bwd for the four training kernels, fwd for NF4; % of copy: against the copy bandwidth measured "
-              "in the same run as the row; the per-kernel files hold every row, the command and the date", ""]
+              "- fwd+bwd for the four training kernels, fwd for NF4. ms per call: do_bench over eager calls; host: "
+              "CPU time per call; device: do_bench over CUDA-graph replays of one call (the kernels alone). "
+              "Regime: launch when host > device. % of copy: device-time bandwidth against the copy bandwidth "
+              "measured in the same run as the row. Ratios: baseline / ours, per call / device. The per-kernel "
+              "files hold every row, the command, the date and the configs the autotuner picked", ""]
     (bench.RESULTS_DIR / "summary.md").write_text("\n".join(header) + text + "\n")
     print("\n" + text)
     print(f"\nwrote {bench.RESULTS_DIR}/summary.md; total {time.perf_counter() - start:.0f} s")

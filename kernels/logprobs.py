@@ -150,7 +150,21 @@ def benchmark(copy_gbps, quick=False):
         frac = f"{fwd / ref[0]:.3f} / {both / ref[1]:.3f}" if ref else "-"
         lines.append(f"| {name} | {fwd:.0f} | {both:.0f} | {frac} |")
         print(f"  memory {name:>14}: forward +{fwd:.0f} MiB, forward+backward +{both:.0f} MiB ({frac} of eager)")
-    return rows, "\n".join(lines)
+    return rows, "\n".join(lines + ["", forward_share(rows, N, V, copy_gbps)])
+
+
+def forward_share(rows, N, V, copy_gbps, e=2):
+    """The forward's part of ours fwd+bwd (device times), and each pass's bandwidth on its own bytes."""
+    time = {r.mode: r.device_ms for r in rows if r.provider == "ours"}
+    fwd, both = time.get("fwd"), time.get("fwd+bwd")
+    if not fwd or not both or both <= fwd:
+        return "Forward share: no device times (CUDA graph capture failed?)"
+    bwd = both - fwd
+    fwd_gbps, bwd_gbps = N * V * e / (fwd * 1e-3) / 1e9, 2 * N * V * e / (bwd * 1e-3) / 1e9
+    return (f"Forward share of ours fwd+bwd (device times): {fwd:.3f} of {both:.3f} ms = {fwd / both:.0%}. On its own "
+            f"bytes the forward (reads N V e) runs at {fwd_gbps:.0f} GB/s ({100 * fwd_gbps / copy_gbps:.0f}% of copy), "
+            f"the backward (reads and writes N V e: {bwd:.3f} ms) at {bwd_gbps:.0f} GB/s "
+            f"({100 * bwd_gbps / copy_gbps:.0f}% of copy); at copy speed the forward would be a third of the total.")
 
 
 def main():

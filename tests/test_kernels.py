@@ -67,6 +67,21 @@ def test_rms_norm_frozen_weight():
     assert torch.autograd.grad(y, [x], dy)[0].shape == x.shape
 
 
+@pytest.mark.parametrize("rows", [0, 1, 700])
+def test_rms_norm_weight_gradient_sums_every_program(rows):
+    """dw is summed over the backward programs' partial rows by a second kernel: no rows (dw = 0), one row, and
+    more rows than programs (each program walks several)."""
+    x = torch.randn(rows, 40, device=DEVICE, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(40, device=DEVICE)).requires_grad_()
+    dy = torch.randn_like(x)
+    rms_norm(x, w, impl="triton").backward(dy)
+    grad_w, w.grad = w.grad, None
+    rms_norm(x.detach(), w, impl="torch").backward(dy)
+    assert_close("dw", grad_w, w.grad, torch.float32)
+    if rows == 0:
+        assert torch.equal(grad_w, torch.zeros_like(w))
+
+
 # ------------------------------------------------------------------------------------------------ RoPE
 
 def rope_inputs(B, nh, nkv, T, hs, dtype, transposed=True, cos_batch=None):
@@ -203,12 +218,36 @@ def test_logprobs_saves_no_vocabulary_sized_fp32():
 
 def test_logprobs_rejects_bad_inputs():
     logits = torch.randn(2, 3, 10, device=DEVICE)
-    with pytest.raises(ValueError, match=r"\[0, 10\)"):
-        selective_log_softmax(logits, torch.full((2, 3), 10, device=DEVICE), impl="triton")
+    if DEVICE == "cpu":  # on a GPU the check would cost a host sync per call: test_logprobs_out_of_range_ids_give_nan
+        with pytest.raises(ValueError, match=r"\[0, 10\)"):
+            selective_log_softmax(logits, torch.full((2, 3), 10, device=DEVICE), impl="triton")
     with pytest.raises(ValueError, match="index must have shape"):
         selective_log_softmax(logits, torch.zeros(2, 4, dtype=torch.long, device=DEVICE), impl="triton")
     with pytest.raises(ValueError, match="temperature"):
         selective_log_softmax(logits, torch.zeros(2, 3, dtype=torch.long, device=DEVICE), temperature=0.0)
+
+
+def test_logprobs_out_of_range_ids_give_nan():
+    """The kernels never read an id outside [0, V): its row gets a NaN log-prob and a NaN gradient, the other rows
+    are exact. (Called below the host-side check, which runs for CPU tensors only.)"""
+    V = 37
+    logits = torch.randn(2, 3, V, device=DEVICE, requires_grad=True)
+    index = torch.randint(0, V, (2, 3), device=DEVICE)
+    index[0, 1], index[1, 2] = V, -1
+    lp, ent = LogprobsEntropyFunction.apply(logits, index, 1.0, True, False)
+    (lp.sum() + ent.sum()).backward()
+    bad = torch.zeros(2, 3, dtype=torch.bool, device=DEVICE)
+    bad[0, 1] = bad[1, 2] = True
+    assert lp[bad].isnan().all() and not lp[~bad].isnan().any()
+    assert logits.grad[bad].isnan().all() and not logits.grad[~bad].isnan().any()
+    good = logits.detach()[~bad].requires_grad_()  # (4, V): the good rows alone, through the reference
+    ref_lp, ref_ent = logprobs_and_entropy(good, index[~bad], impl="torch")
+    (ref_lp.sum() + ref_ent.sum()).backward()
+    assert_close("logprobs", lp[~bad].detach(), ref_lp, torch.float32)
+    assert_close("entropy", ent[~bad].detach(), ref_ent, torch.float32)
+    assert_close("dlogits", logits.grad[~bad], good.grad, torch.float32)
+    if DEVICE == "cuda":  # no host-side check on a GPU: the public function gives the NaN too
+        assert selective_log_softmax(logits.detach(), index)[bad].isnan().all()
 
 
 # ------------------------------------------------------------------------------------------------ NF4
@@ -251,6 +290,72 @@ def test_impl_switch(monkeypatch):
     selective_log_softmax(x, torch.zeros(3, dtype=torch.long, device=DEVICE), impl="auto")
     selective_log_softmax(x, torch.zeros(3, dtype=torch.long, device=DEVICE), impl="torch")
     assert calls == [1]
+
+
+# ------------------------------------------------------------------------------------------------ Launcher
+
+class _FakeJit:
+    """Stands in for a @triton.jit function: records how it was launched."""
+
+    arg_names = ["x_ptr", "N", "M"]
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def run(self, *args, grid, warmup, **kwargs):
+        self.calls.append(("jit", args, grid, kwargs))
+
+
+class _FakeHeuristics:
+    """What @triton.heuristics makes: the function under it in .fn, the rules in .values."""
+
+    def __init__(self, calls, values):
+        self.fn, self.values = _FakeJit(calls), values
+
+
+def test_launcher_skips_the_autotuner_once_a_key_is_tuned(monkeypatch):
+    """The first launch of a key goes through Triton's autotuner; later ones run the jit function directly, with the
+    picked config, the heuristics' values (from the key) and the config's options, the grid computed from them."""
+    calls, configs = [], [_common.config(BLOCK_M=1, num_warps=4), _common.config(BLOCK_M=2, num_warps=8)]
+
+    class FakeAutotuner:
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                calls.append(("autotuner", args))
+                self.best_config = configs[1]  # as Triton's Autotuner.run records the config it used
+            return run
+
+    monkeypatch.setattr(_common, "INTERPRETED", False)
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    monkeypatch.setattr(_common.triton, "autotune", lambda configs, key: (lambda kernel: FakeAutotuner()))
+    launcher = _common.Launcher(_FakeHeuristics(calls, {"BLOCK_N": lambda args: 2 * args["N"]}), configs, key=["N"])
+    x = torch.zeros(3)
+    grid = lambda meta: (12 // meta["BLOCK_M"],)  # noqa: E731
+    launcher[grid](x, 5, 7)
+    launcher[grid](x, 5, 9)  # same key (N = 5, float32): cached
+    launcher[grid](x, 6, 7)  # new N: tuned again
+    launcher[grid](x.double(), 5, 7)  # new dtype: tuned again, as Triton's autotuner keys on dtypes too
+    assert [c[0] for c in calls] == ["autotuner", "jit", "autotuner", "autotuner"]
+    _, args, launched_grid, kwargs = calls[1]
+    assert args == (x, 5, 9) and launched_grid == (6,)
+    assert kwargs["BLOCK_M"] == 2 and kwargs["BLOCK_N"] == 10 and kwargs["num_warps"] == 8
+    assert {k: v for k, v in kwargs.items() if k not in ("BLOCK_N",)} == configs[1].all_kwargs()
+
+
+def test_launcher_heuristics_may_read_only_the_key_and_the_config(monkeypatch):
+    """Heuristics are cached per key, so one that reads another argument would go stale: it must raise."""
+    calls = []
+    monkeypatch.setattr(_common, "INTERPRETED", False)
+    monkeypatch.setattr(_common, "AUTOTUNE", False)
+    launcher = _common.Launcher(_FakeHeuristics(calls, {"BLOCK_N": lambda args: args["M"]}),
+                                [_common.config(BLOCK_M=1)], key=["N"])
+    with pytest.raises(KeyError, match="heuristic BLOCK_N reads 'M'"):
+        launcher[(1,)](torch.zeros(3), 5, 7)
+    with pytest.raises(ValueError, match=r"key \['K'\] not among"):
+        _common.Launcher(_FakeHeuristics(calls, {}), [_common.config(BLOCK_M=1)], key=["K"])
+    assert calls == []
 
 
 # ------------------------------------------------------------------------------------------------ GPU, real shapes
@@ -361,7 +466,7 @@ def _config_cases():
 
     module = lambda name: sys.modules[f"lessons_lib.kernels.{name}"]  # noqa: E731 (not the same-named functions)
     return {
-        "rms_norm": ([module("rms_norm")._fwd, module("rms_norm")._bwd], rms),
+        "rms_norm": ([module("rms_norm")._fwd, module("rms_norm")._bwd, module("rms_norm")._dw], rms),
         "rope": ([module("rope")._rope], rope),
         "swiglu": ([module("swiglu")._fwd, module("swiglu")._bwd], glu),
         "logprobs": ([module("logprobs")._fwd, module("logprobs")._bwd, module("logprobs")._bwd_inplace], logprobs),

@@ -51,22 +51,40 @@ def test_every_kernel_compiles_for_a_gpu_without_one():
 
 def test_tables_summary_and_results_files(tmp_path):
     rows = []
-    for provider, ms in [("eager", 2.0), ("compile", 0.6), ("liger", 0.7), ("ours", 0.25)]:
-        rows.append(bench.Row("rms_norm", "32768 x 1536", provider, ms, "fwd+bwd", 503_316_480, 100.0))
+    for provider, ms, device, host in [("eager", 2.0, 1.8, 0.3), ("compile", 0.6, 0.5, 0.1), ("liger", 0.7, None, 0.8),
+                                       ("ours", 0.25, 0.125, 0.2)]:
+        rows.append(bench.Row("rms_norm", "32768 x 1536", provider, ms, "fwd+bwd", 503_316_480, 100.0,
+                              device_ms=device, host_ms=host))
     rows.append(bench.Row("rms_norm", "32768 x 1536", "broken", None, "fwd+bwd", 1, None, "failed: ValueError: x"))
     text = bench.table(rows, copy_gbps=4000.0)
-    assert "| 32768 x 1536 | fwd+bwd | ours | 0.250 | 2013 | 50% |" in text
-    assert "8.00x" in text and "failed: ValueError" in text
+    # ours: 503 MB in 0.125 ms on the device = 4027 GB/s = 101% of copy; host 0.2 ms > device: launch-bound
+    assert "| 32768 x 1536 | fwd+bwd | ours | 0.250 | 0.200 | 0.125 | 4027 | 101% | launch | 100 |  |" in text
+    assert "| eager | 2.000 | 0.300 | 1.800 | 280 | 7% | device | 100 | 8.00x / 14.40x |" in text
+    assert "| liger | 0.700 | 0.800 | - | - | - | - | 100 | 2.80x / - |" in text
+    assert "failed: ValueError" in text
 
     path = bench.write_results("rms_norm", rows, 4000.0, "5 M N e", "a note", results_dir=tmp_path)
     assert "a note" in path.read_text() and "5 M N e" in path.read_text()
     data = json.loads((tmp_path / "rms_norm.json").read_text())
-    assert data["rows"][3]["provider"] == "ours" and abs(data["rows"][3]["pct_copy"] - 50.33) < 0.01
+    ours = data["rows"][3]
+    assert ours["provider"] == "ours" and abs(ours["pct_copy"] - 50.33) < 0.01
+    assert abs(ours["device_pct_copy"] - 100.66) < 0.01 and ours["host_ms"] == 0.2
 
     summary = runpy.run_path(str(KERNELS_DIR / "bench_all.py"), run_name="test")["summary"]
-    nf4 = [bench.Row("nf4_dequantize", "8960 x 1536", p, ms, "fwd", 34_000_000) for p, ms in
-           [("eager", 0.5), ("ours", 0.01), ("bitsandbytes", 0.012)]]
+    nf4 = [bench.Row("nf4_dequantize", "8960 x 1536", p, ms, "fwd", 34_000_000, device_ms=d, host_ms=0.02)
+           for p, ms, d in [("eager", 0.5, 0.4), ("ours", 0.01, 0.008), ("bitsandbytes", 0.012, 0.004)]]
     assert set(bench.load_results(tmp_path)) == {"rms_norm"}
     line = summary({"rms_norm": bench.load_results(tmp_path)["rms_norm"], "nf4_dequantize": (nf4, 4000.0)})
-    assert "| rms_norm | 32768 x 1536 | fwd+bwd | 0.250 | 50% | 85% | 8.00x | 2.40x | 2.80x |" in line
-    assert "| nf4_dequantize | 8960 x 1536 | fwd | 0.010 | 85% | 80% | 50.00x | - | 1.20x |" in line
+    assert ("| rms_norm | 32768 x 1536 | fwd+bwd | 0.250 | 0.200 | 0.125 | 101% | 85% | launch | 8.00x / 14.40x | "
+            "2.40x / 4.00x | 2.80x / - |") in line
+    assert ("| nf4_dequantize | 8960 x 1536 | fwd | 0.010 | 0.020 | 0.008 | 106% | 80% | launch | 50.00x / 50.00x | "
+            "- | 1.20x / 0.50x |") in line
+
+
+def test_results_files_of_an_earlier_format_still_load(tmp_path):
+    """kernels/results/*.json written before the device and host columns existed load (those are None)."""
+    old_row = dict(kernel="rope", shape="q 8x12x512x128", provider="ours", ms=0.5, mode="fwd+bwd", bytes=10,
+                   peak_mib=1.0, note="", gbps=1.0, pct_copy=2.0)
+    (tmp_path / "rope.json").write_text(json.dumps({"kernel": "rope", "copy_gbps": 4000.0, "rows": [old_row]}))
+    (rows, copy_gbps), = bench.load_results(tmp_path).values()
+    assert rows[0].device_ms is None and rows[0].regime == "-" and copy_gbps == 4000.0

@@ -89,30 +89,90 @@ def multiprocessors(device: torch.device) -> int:
 AUTOTUNE = True  # False: GPU launches use the first config (the GPU tests turn tuning off to save compile time)
 
 
+def _unwrap(kernel):
+    """The innermost `@triton.jit` function under `kernel`, and the rules of the `@triton.heuristics` around it."""
+    heuristics = {}
+    while hasattr(kernel, "fn") and hasattr(kernel, "values"):  # a triton.runtime.Heuristics
+        heuristics = {**kernel.values, **heuristics}
+        kernel = kernel.fn
+    return kernel, heuristics
+
+
 class Launcher:
     """`launcher[grid](*args)` runs `kernel` with one of `configs` (meta-parameters such as block sizes + num_warps).
 
-    On a GPU it autotunes: the first launch for each distinct value of the `key` arguments (and dtypes) times every
-    config and keeps the fastest; with AUTOTUNE off it uses the first config. The interpreter cannot time anything:
-    there it uses `interpreter`, the config cheapest to interpret (large blocks), or the first config.
-    `with launcher.using(config)` forces a config (tests run every one). Only tune kernels that are pure functions
-    of their inputs: the tuner launches them several times.
+    On a GPU it autotunes: the first launch for each distinct value of the `key` arguments (and dtypes) goes through
+    Triton's autotuner, which times every config and keeps the fastest; with AUTOTUNE off it uses the first config.
+    The interpreter cannot time anything: there it uses `interpreter`, the config cheapest to interpret (large
+    blocks), or the first config. `with launcher.using(config)` forces a config (tests run every one). Only tune
+    kernels that are pure functions of their inputs: the tuner launches them several times.
+
+    Why not call the autotuner every time: its `run` rebuilds dictionaries of every argument on each call (and
+    `@triton.heuristics` does so again), tens of microseconds of Python per launch for a kernel with 30 arguments,
+    while the kernel itself may run for a few microseconds. So after the first launch of a key this class launches
+    the `@triton.jit` function directly, with the config the tuner picked and the heuristics' values, both cached.
+    That needs heuristics that depend only on the `key` arguments and the config (checked: anything else raises).
+    `grid` is a tuple, or a function of the meta-parameters (`meta["BLOCK_M"]`) as in Triton.
     """
 
     def __init__(self, kernel, configs: list, key: list[str], interpreter=None):
         self.kernel, self.configs, self.key = kernel, configs, key
         self.interpreter = interpreter or configs[0]
+        self.jit, self.heuristics = _unwrap(kernel)
+        names = list(getattr(self.jit, "arg_names", []))
+        missing = [k for k in key if k not in names]
+        if HAS_TRITON and missing:
+            raise ValueError(f"Launcher({getattr(self.jit, '__name__', self.jit)}): key {missing} not among the "
+                             f"kernel's arguments {names}")
+        self._key_at = [(name, names.index(name)) for name in key] if HAS_TRITON else []
+        self._pointers_at = [i for i, name in enumerate(names) if name.endswith("_ptr")]  # tensors, by convention
         self._autotuner = None
         self._forced = None
+        self.picked: dict = {}  # tuning key (key values + dtypes) -> the config the autotuner picked
+        self._meta: dict = {}  # (key values, config) -> meta-parameters and options for the jit function
 
     def __getitem__(self, grid):
-        if INTERPRETED or not AUTOTUNE or self._forced is not None:
-            config = self._forced or (self.interpreter if INTERPRETED else self.configs[0])
-            options = {} if INTERPRETED else {"num_warps": config.num_warps}
-            return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **config.kwargs, **options)
-        if self._autotuner is None:
-            self._autotuner = triton.autotune(configs=self.configs, key=self.key)(self.kernel)
-        return self._autotuner[grid]
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid, args: tuple, kwargs: dict):
+        key_values = tuple(args[i] if i < len(args) else kwargs[name] for name, i in self._key_at)
+        if INTERPRETED:
+            config = self._forced or self.interpreter
+        elif self._forced is not None or not AUTOTUNE or len(self.configs) == 1:
+            config = self._forced or self.configs[0]
+        else:
+            pointers = self._pointers_at
+            dtypes = ([args[i].dtype for i in pointers] if len(args) > pointers[-1] else  # the usual: positional
+                      [(args[i] if i < len(args) else kwargs[self.jit.arg_names[i]]).dtype for i in pointers])
+            tuning_key = (key_values, tuple(dtypes))  # as Triton's autotuner: the key's values and the dtypes
+            config = self.picked.get(tuning_key)
+            if config is None:  # first launch for this key: Triton's autotuner times the configs (and launches)
+                if self._autotuner is None:
+                    self._autotuner = triton.autotune(configs=self.configs, key=self.key)(self.kernel)
+                result = self._autotuner[grid](*args, **kwargs)
+                picked = getattr(self._autotuner, "best_config", None)  # Triton 3.x records the config it used
+                if picked is not None:
+                    self.picked[tuning_key] = picked
+                return result
+        meta = self._meta.get((key_values, id(config)))
+        if meta is None:
+            meta = self._meta[(key_values, id(config))] = self._meta_parameters(config, key_values)
+        return self.jit.run(*args, grid=grid(meta) if callable(grid) else grid, warmup=False, **kwargs, **meta)
+
+    def _meta_parameters(self, config, key_values: tuple) -> dict:
+        """The config's block sizes, the heuristics' values and the launch options (num_warps, ...) for one key."""
+        known = {**dict(zip(self.key, key_values)), **config.kwargs}
+        meta = dict(config.kwargs)
+        for name, rule in self.heuristics.items():
+            try:
+                meta[name] = rule(_KeyOnly(known))
+            except KeyError as err:
+                raise KeyError(f"{getattr(self.jit, '__name__', 'kernel')}: heuristic {name} reads {err}, which is "
+                               f"neither in the launcher's key {self.key} nor in the config; the launcher caches "
+                               "heuristics per key, so add it to the key") from None
+        all_kwargs = config.all_kwargs() if hasattr(config, "all_kwargs") else {"num_warps": config.num_warps}
+        meta.update({k: v for k, v in all_kwargs.items() if k not in config.kwargs})  # as the autotuner passes them
+        return meta
 
     @contextlib.contextmanager
     def using(self, config):
@@ -122,6 +182,13 @@ class Launcher:
             yield
         finally:
             self._forced = previous
+
+
+class _KeyOnly(dict):
+    """The arguments a heuristic may read (the key and the config); any other name raises KeyError naming it."""
+
+    def __missing__(self, name):
+        raise KeyError(name)
 
 
 def tuned(kernel, configs: list, key: list[str], interpreter=None) -> Launcher:
@@ -142,3 +209,8 @@ class _Config:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for grids. (`triton.cdiv` is a constexpr function: several microseconds per host call.)"""
+    return -(-a // b)

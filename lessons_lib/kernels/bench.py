@@ -1,9 +1,24 @@
 """Measuring kernels the way the top-level `kernels/*.py` scripts do (GPU only), and writing their results.
 
-- Time: `triton.testing.do_bench` (warm-up, then the median of many runs, with the L2 cache flushed between them);
-  input gradients are reset to None before each run (`grad_to_none`), so no `.grad +=` traffic is timed.
+Three times per provider and shape, because a short kernel can be limited by the CPU that issues it rather than by
+the GPU that runs it:
+
+- per call (`ms`): `triton.testing.do_bench` of eager calls (warm-up, median of many runs, L2 flushed before each
+  run), input gradients reset to None before each run (`grad_to_none`), so no `.grad +=` traffic is timed. This is
+  GPU time between two events around one call: if the CPU issues the call's kernels more slowly than the GPU runs
+  them, the GPU waits and the events measure the CPU. (The L2 flush before each run, a ~60 us memset, gives the
+  CPU a head start of about that much, so up to ~60 us of CPU time per call stays hidden.)
+- device (`device_ms`): the same call captured once in a CUDA graph (forward, and `backward` where timed), and
+  `do_bench` over graph replays. A replay issues the captured kernels with one call, so nothing of the CPU side
+  (Python, autograd, launch overhead) is left between them: the time of the kernels themselves, and the one
+  bandwidth figure that means what it says. A provider that cannot be captured (it synchronizes, e.g. `.item()`)
+  gets no device time and a note.
+- host (`host_ms`): wall time of the CPU per call, issuing calls back to back (the GPU keeps up, so nothing
+  waits). When host > device the op is launch-bound: the GPU idles between kernels and a faster kernel does not help.
+
 - Bandwidth: *minimal* bytes (each input read once, each output written once; the formula is printed with every
-  table) divided by the time. Compare it with the copy bandwidth measured in the same run (`copy_bandwidth`).
+  table) divided by the time; the device time's GB/s is compared with the copy bandwidth measured in the same run
+  (`copy_bandwidth`).
 - Memory: the peak allocated during one call above what was allocated before it.
 - Baselines: eager PyTorch, `torch.compile` of the same function, and Liger-Kernel when it is installed.
 
@@ -16,7 +31,9 @@ import contextlib
 import datetime
 import json
 import platform
+import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,24 +44,38 @@ RESULTS_DIR = Path(__file__).resolve().parents[2] / "kernels" / "results"
 
 @dataclass
 class Row:
-    """One measurement: a provider (eager, compile, liger, ours) on one shape."""
+    """One measurement: a provider (eager, compile, liger, ours) on one shape (module docstring: the three times)."""
 
     kernel: str
     shape: str
     provider: str
-    ms: float | None  # median time of forward (+ backward when `mode` says so)
+    ms: float | None  # per call: median of do_bench over eager calls, forward (+ backward when `mode` says so)
     mode: str  # "fwd", "fwd+bwd"
     bytes: int  # minimal bytes moved, from the kernel's byte formula
     peak_mib: float | None = None  # peak allocation above the inputs during one call
     note: str = ""
-    gbps: float | None = field(default=None)
+    gbps: float | None = field(default=None)  # minimal bytes / per-call time
     pct_copy: float | None = field(default=None)
+    device_ms: float | None = None  # median of do_bench over CUDA-graph replays of one call: the kernels alone
+    host_ms: float | None = None  # CPU wall time to issue one call
+    device_gbps: float | None = field(default=None)  # minimal bytes / device time
+    device_pct_copy: float | None = field(default=None)
 
     def finish(self, copy_gbps: float | None) -> "Row":
         if self.ms:
             self.gbps = self.bytes / (self.ms * 1e-3) / 1e9
             self.pct_copy = 100 * self.gbps / copy_gbps if copy_gbps else None
+        if self.device_ms:
+            self.device_gbps = self.bytes / (self.device_ms * 1e-3) / 1e9
+            self.device_pct_copy = 100 * self.device_gbps / copy_gbps if copy_gbps else None
         return self
+
+    @property
+    def regime(self) -> str:
+        """"launch" when the CPU needs longer to issue a call than the GPU needs to run it, else "device"."""
+        if self.device_ms is None or self.host_ms is None:
+            return "-"
+        return "launch" if self.host_ms > self.device_ms else "device"
 
 
 def load_results(results_dir: Path = RESULTS_DIR) -> dict:
@@ -52,7 +83,7 @@ def load_results(results_dir: Path = RESULTS_DIR) -> dict:
     results = {}
     for path in sorted(Path(results_dir).glob("*.json")):
         data = json.loads(path.read_text())
-        rows = [Row(**{k: v for k, v in row.items()}) for row in data["rows"]]
+        rows = [Row(**{k: v for k, v in row.items() if k in Row.__dataclass_fields__}) for row in data["rows"]]
         results[data["kernel"]] = (rows, data["copy_gbps"])
     return results
 
@@ -90,6 +121,53 @@ def time_ms(fn, grad_to_none=None) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def _reset(grad_to_none):
+    for t in grad_to_none or ():
+        t.grad = None
+
+
+def device_time_ms(fn, grad_to_none=None) -> float:
+    """Median milliseconds of fn's GPU work alone: fn captured once into a CUDA graph, replays timed by do_bench.
+
+    Capturing records the kernels fn launches on the capture stream, backward passes included (autograd runs the
+    backward of each op on the stream of its forward); a replay issues them all with one call. Gradients are reset
+    to None before the capture, so the graph writes them afresh, as `grad_to_none` does for eager runs. Raises if
+    fn cannot be captured (a host sync such as `.item()`, or a CPU tensor copy)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up on a side stream before capturing, as torch.cuda.graph asks
+        for _ in range(2):
+            _reset(grad_to_none)
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    _reset(grad_to_none)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+        return time_ms(graph.replay)
+    finally:
+        _reset(grad_to_none)  # they live in the graph's memory pool
+        del graph
+
+
+def host_ms(fn, grad_to_none=None, calls: int = 25, repeats: int = 5) -> float:
+    """Median wall milliseconds the CPU spends per call, issuing `calls` calls back to back without waiting.
+
+    Only the CPU is timed: the GPU runs behind, and as long as its queue does not fill (a few hundred launches)
+    nothing waits for it, unless fn itself synchronizes (then that wait is part of its cost)."""
+    runs = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            _reset(grad_to_none)
+            fn()
+        runs.append((time.perf_counter() - t0) / calls * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(runs)
 
 
 def peak_extra_mib(fn) -> float:
@@ -133,31 +211,68 @@ def liger():
 
 def measure(rows: list, kernel: str, shape: str, provider: str, mode: str, nbytes: int, fn, grad_to_none=None,
             note: str = "") -> None:
-    """Time fn (and its peak memory) and append a Row; a failing provider becomes a row with its error."""
+    """Time fn three ways (module docstring) and its peak memory, and append a Row. A provider that fails gets a
+    row with its error; one that cannot be captured in a CUDA graph keeps its other numbers and gets a note."""
     try:
         fn()  # warm-up: compiles, autotunes
         ms = time_ms(fn, grad_to_none)
         peak = peak_extra_mib(fn)
+        host = host_ms(fn, grad_to_none)
     except Exception as err:  # noqa: BLE001 - a baseline that breaks must not stop the others
         rows.append(Row(kernel, shape, provider, None, mode, nbytes, None, f"failed: {type(err).__name__}: {err}"))
-        print(f"  {provider:>10} {mode:<8} {shape:<28} FAILED {type(err).__name__}: {str(err)[:120]}")
+        print(f"  {provider:>12} {mode:<8} {shape:<28} FAILED {type(err).__name__}: {str(err)[:120]}")
         return
-    rows.append(Row(kernel, shape, provider, ms, mode, nbytes, peak, note))
-    print(f"  {provider:>10} {mode:<8} {shape:<28} {ms:8.3f} ms  {nbytes / ms / 1e6:8.0f} GB/s  +{peak:8.0f} MiB")
+    try:
+        device = device_time_ms(fn, grad_to_none)
+    except Exception as err:  # noqa: BLE001 - e.g. a host sync inside fn
+        device, note = None, (note + "; " if note else "") + f"no CUDA graph: {type(err).__name__}: {str(err)[:80]}"
+        torch.cuda.synchronize()
+    row = Row(kernel, shape, provider, ms, mode, nbytes, peak, note, device_ms=device, host_ms=host)
+    rows.append(row)
+    dev = f"{device:8.3f}" if device is not None else "       -"
+    print(f"  {provider:>12} {mode:<8} {shape:<28} call {ms:7.3f}  device {dev}  host {host:7.3f} ms  "
+          f"{nbytes / (device or ms) / 1e6:6.0f} GB/s  +{peak:6.0f} MiB  {row.regime}")
+
+
+def _fmt(value, spec: str) -> str:
+    return (spec % value) if value is not None else "-"
 
 
 def table(rows: list, copy_gbps: float | None) -> str:
-    """A markdown table of the rows, with speed-ups against eager, compile and liger on the same shape and mode."""
+    """A markdown table of the rows; "ours vs this": this provider's time / ours on the same shape and mode, per
+    call and on the device."""
     rows = [r.finish(copy_gbps) for r in rows]
-    lines = ["| shape | mode | provider | ms | GB/s (minimal bytes) | % of copy | peak +MiB | ours vs this |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | mode | provider | ms per call | host ms | device ms | device GB/s (minimal bytes) | "
+             "device % of copy | regime | peak +MiB | ours vs this (call / device) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ours = next((o for o in rows if o.provider == "ours" and o.shape == r.shape and o.mode == r.mode), None)
-        speedup = f"{r.ms / ours.ms:.2f}x" if ours and ours.ms and r.ms and r.provider != "ours" else ""
-        fmt = lambda v, f: (f % v) if v is not None else "-"  # noqa: E731
-        lines.append(f"| {r.shape} | {r.mode} | {r.provider} | {fmt(r.ms, '%.3f')} | {fmt(r.gbps, '%.0f')} | "
-                     f"{fmt(r.pct_copy, '%.0f%%')} | {fmt(r.peak_mib, '%.0f')} | {speedup or r.note} |")
+        speedup = ""
+        if ours and r.provider != "ours" and ours.ms and r.ms:
+            speedup = f"{r.ms / ours.ms:.2f}x / " + (f"{r.device_ms / ours.device_ms:.2f}x"
+                                                     if r.device_ms and ours.device_ms else "-")
+        lines.append(f"| {r.shape} | {r.mode} | {r.provider} | {_fmt(r.ms, '%.3f')} | {_fmt(r.host_ms, '%.3f')} | "
+                     f"{_fmt(r.device_ms, '%.3f')} | {_fmt(r.device_gbps, '%.0f')} | "
+                     f"{_fmt(r.device_pct_copy, '%.0f%%')} | {r.regime} | {_fmt(r.peak_mib, '%.0f')} | "
+                     f"{'; '.join(x for x in (speedup, r.note) if x)} |")
     return "\n".join(lines)
+
+
+def picked_configs(kernel: str) -> str:
+    """What the autotuner picked for each launcher of `kernel`'s module in this process, one line per key."""
+    from . import _common
+
+    module_name = {"nf4_dequantize": "dequant"}.get(kernel, kernel)
+    module = sys.modules.get(f"lessons_lib.kernels.{module_name}")
+    lines = []
+    for name, launcher in sorted(vars(module).items() if module else []):
+        if isinstance(launcher, _common.Launcher):
+            for (values, dtypes), config in launcher.picked.items():
+                key = ", ".join(f"{k}={v}" for k, v in zip(launcher.key, values))
+                lines.append(f"- `{name}` ({key or 'any shape'}; {str(dtypes[0]).replace('torch.', '')}): "
+                             + ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
+                             + f", num_warps={config.num_warps}")
+    return "\n".join(["Configs the autotuner picked in this run:", "", *lines]) if lines else ""
 
 
 def write_results(kernel: str, rows: list, copy_gbps: float | None, formula: str, notes: str = "",
@@ -172,10 +287,12 @@ def write_results(kernel: str, rows: list, copy_gbps: float | None, formula: str
           "- hardware: " + ", ".join(f"{k} {v}" for k, v in info.items()),
           f"- copy bandwidth measured in the same run: {copy_gbps:.0f} GB/s" if copy_gbps else "- copy bandwidth: -",
           f"- minimal bytes: {formula}",
-          "- times: median of `triton.testing.do_bench`; input grads reset to None before each run", "",
+          "- ms per call: median of `triton.testing.do_bench` over eager calls; device ms: the same over replays of "
+          "one call captured in a CUDA graph (the kernels alone); host ms: CPU wall time per call, calls issued "
+          "back to back; regime: launch when host > device (the GPU waits for the CPU); input grads reset to None "
+          "before each run; bandwidth and % of copy from the device time", "",
           table(rows, copy_gbps), ""]
-    if notes:
-        md += [notes, ""]
+    md += [text + "\n" for text in (notes, picked_configs(kernel)) if text]
     path = results_dir / f"{kernel}.md"
     path.write_text("\n".join(md))
     (results_dir / f"{kernel}.json").write_text(json.dumps(

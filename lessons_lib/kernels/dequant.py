@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..nf4 import NF4State, dequantize_nf4
-from ._common import INTERPRETED, check_same_device, config, tl, triton, tuned, use_triton
+from ._common import INTERPRETED, cdiv, check_same_device, config, tl, triton, tuned, use_triton
 
 
 @triton.jit
@@ -69,10 +69,12 @@ def _nf4_dequantize_kernel(
     tl.store(out_ptr + i, values.to(out_ptr.dtype.element_ty), mask=i < n)
 
 
-# GPU candidates (packed bytes per program); the interpreter takes one big tile.
-_dequantize = tuned(_nf4_dequantize_kernel, key=["BYTES_PER_BLOCK"], interpreter=config(BYTES=8192), configs=[
-    config(BYTES=1024, num_warps=4), config(BYTES=512, num_warps=4), config(BYTES=2048, num_warps=8),
-    config(BYTES=4096, num_warps=8)])
+# GPU candidates (packed bytes per program), tuned per matrix size: a model has a handful of them, and a small
+# matrix (1536 x 1536: 1.2 MB packed) wants smaller tiles, i.e. more programs, than the embedding (117 MB).
+# The interpreter takes one big tile.
+_dequantize = tuned(_nf4_dequantize_kernel, key=["n", "BYTES_PER_BLOCK"], interpreter=config(BYTES=8192), configs=[
+    config(BYTES=1024, num_warps=4), config(BYTES=512, num_warps=4), config(BYTES=256, num_warps=2),
+    config(BYTES=2048, num_warps=8), config(BYTES=4096, num_warps=8)])
 
 
 def nf4_dequantize(packed: torch.Tensor, state, impl: str = "auto") -> torch.Tensor:
@@ -107,7 +109,7 @@ def nf4_dequantize(packed: torch.Tensor, state, impl: str = "auto") -> torch.Ten
     else:
         extra = (code, code, code)  # unused pointers
     gpu_only = {} if INTERPRETED else {"enable_fp_fusion": False}  # no fma: round like the reference
-    grid = lambda meta: (triton.cdiv(state.n_blocks, meta["BLOCKS"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(state.n_blocks, meta["BLOCKS"]),)  # noqa: E731
     _dequantize[grid](packed, out, code, scales.contiguous(), *extra, n, packed.numel(), state.absmax_blocksize,
                       BYTES_PER_BLOCK=state.blocksize // 2, DOUBLE_QUANT=state.double_quant,
                       ROUND_BF16=INTERPRETED and state.dtype == torch.bfloat16, **gpu_only)

@@ -52,29 +52,39 @@ def _logprobs_fwd_kernel(
     t = (row % T).to(tl.int64)
     logits_row = logits_ptr + b * stride_lb + t * stride_lt
 
+    # Two things keep the loads streaming. The max is shared by the whole block (one reduction across the
+    # program's warps per step), but the two sums are kept per lane and added up once at the end: a step waits for
+    # one cross-warp reduction, not three. And the next block is loaded before this block's math (prefetch), so
+    # its bytes are in flight while the exponentials and the reduction run.
     m = tl.zeros((), dtype=tl.float32) - float("inf")  # running max of z
-    s = tl.zeros((), dtype=tl.float32)  # running sum of exp(z - m)
-    zs = tl.zeros((), dtype=tl.float32)  # running sum of exp(z - m) * z  (for the entropy)
+    s = tl.zeros((BLOCK_V,), dtype=tl.float32)  # per lane: running sum of exp(z - m)
+    zs = tl.zeros((BLOCK_V,), dtype=tl.float32)  # per lane: running sum of exp(z - m) * z  (for the entropy)
+    lanes = tl.arange(0, BLOCK_V)
+    z_next = tl.load(logits_row + lanes, mask=lanes < V, other=float("-inf"))  # first block, in the logits' dtype
     for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        valid = cols < V
-        z = tl.load(logits_row + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temperature
+        z = z_next.to(tl.float32) * inv_temperature
+        cols = start + BLOCK_V + lanes  # the next block (past V: fully masked, reads nothing)
+        z_next = tl.load(logits_row + cols, mask=cols < V, other=float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep exp() away from inf - inf
-        scale = tl.exp(m - m_ref)
+        scale = tl.exp(m - m_ref)  # one number: how much the old sums shrink
         e = tl.exp(z - m_ref)  # 0 where masked
-        s = s * scale + tl.sum(e, axis=0)
+        s = s * scale + e
         if COMPUTE_ENTROPY:
-            zs = zs * scale + tl.sum(e * tl.where(e > 0.0, z, 0.0), axis=0)  # masked: 0 * 0, not 0 * -inf
+            zs = zs * scale + e * tl.where(e > 0.0, z, 0.0)  # masked: 0 * 0, not 0 * -inf
         m = m_new
 
-    lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
+    s_total = tl.sum(s, axis=0)
+    lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s_total)
+    # An id outside [0, V) is not read (no out-of-bounds access); its log-prob is NaN. The host-side check in
+    # `_validate` would need a device sync on a GPU, so it runs for CPU tensors only.
     idx = tl.load(index_ptr + b * stride_ib + t * stride_it).to(tl.int64)
-    z_idx = tl.load(logits_row + idx).to(tl.float32) * inv_temperature
+    idx_ok = (idx >= 0) & (idx < V)
+    z_idx = tl.load(logits_row + idx, mask=idx_ok, other=float("nan")).to(tl.float32) * inv_temperature
     tl.store(logprobs_ptr + row, z_idx - lse)
     tl.store(lse_ptr + row, lse)
     if COMPUTE_ENTROPY:
-        tl.store(entropy_ptr + row, lse - zs / s)
+        tl.store(entropy_ptr + row, lse - tl.sum(zs, axis=0) / s_total)
 
 
 @triton.jit
@@ -96,6 +106,7 @@ def _logprobs_bwd_kernel(
     lse = tl.load(lse_ptr + row)
     idx = tl.load(index_ptr + b * stride_ib + t * stride_it).to(tl.int64)
     g = tl.load(dlogprobs_ptr + row)
+    g = tl.where((idx >= 0) & (idx < V), g, float("nan"))  # an id outside [0, V): a NaN gradient, as its log-prob
     if HAS_DENTROPY:
         g_entropy = tl.load(dentropy_ptr + row)
         entropy = tl.load(entropy_ptr + row)
@@ -112,9 +123,13 @@ def _logprobs_bwd_kernel(
 
 
 # GPU candidates, autotuned per V (the first is the default when tuning is off); the interpreter takes big blocks.
+# The forward keeps per-lane sums and a prefetched block in registers: 16 logits per thread (larger blocks spill).
+_FWD_CONFIGS = [config(BLOCK_V=8192, num_warps=16), config(BLOCK_V=2048, num_warps=4),
+                config(BLOCK_V=4096, num_warps=8), config(BLOCK_V=4096, num_warps=16),
+                config(BLOCK_V=1024, num_warps=2)]
 _CONFIGS = [config(BLOCK_V=8192, num_warps=16), config(BLOCK_V=2048, num_warps=4), config(BLOCK_V=4096, num_warps=8),
             config(BLOCK_V=8192, num_warps=8), config(BLOCK_V=16384, num_warps=16), config(BLOCK_V=32768, num_warps=32)]
-_fwd = tuned(_logprobs_fwd_kernel, key=["V"], configs=_CONFIGS, interpreter=config(BLOCK_V=16384))
+_fwd = tuned(_logprobs_fwd_kernel, key=["V"], configs=_FWD_CONFIGS, interpreter=config(BLOCK_V=16384))
 _bwd = tuned(_logprobs_bwd_kernel, key=["V"], configs=_CONFIGS, interpreter=config(BLOCK_V=16384))
 # The tuner would run an in-place backward several times over its own output, so in place uses one fixed config.
 _bwd_inplace = tuned(_logprobs_bwd_kernel, key=["V"], configs=[config(BLOCK_V=8192, num_warps=16)],
@@ -192,7 +207,9 @@ def _validate(op: str, logits, index, temperature):
         raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
     check_same_device(op, logits=logits, index=index)
     V = logits.shape[-1]
-    if index.numel() and bool(((index < 0) | (index >= V)).any()):  # one device sync: a bad id must not be read
+    # On a GPU this check would wait for the device (a host sync per call, and impossible inside a CUDA graph),
+    # so it runs on CPU tensors only; on a GPU the kernels never read a bad id and give it a NaN log-prob.
+    if not index.is_cuda and index.numel() and bool(((index < 0) | (index >= V)).any()):
         raise ValueError(f"{op}: token ids must lie in [0, {V}); got min {int(index.min())}, max {int(index.max())}")
 
 

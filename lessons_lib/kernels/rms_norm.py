@@ -10,15 +10,16 @@ Backward, with n = x * rstd and dn = dy * w (derived in kernels/rms_norm.py):
     dx = rstd * (dn - n * mean(dn * n))        dw = sum over rows of dy * n
 
 The forward saves only rstd (4 bytes per row). Each backward program walks a strided set of rows and keeps its
-own partial dw in registers; the few partial rows are summed by torch at the end (the layout of Liger-Kernel's
-first rms_norm and of the Triton layer-norm tutorial).
+own partial dw in registers (the layout of Liger-Kernel's first rms_norm and of the Triton layer-norm tutorial);
+a second, small kernel sums those few partial rows and writes dw in the weight's dtype. (Summing them with torch
+would cost three more launches per call, zero-fill, sum and cast, each a few microseconds of CPU time.)
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import check_same_device, config, multiprocessors, next_power_of_2, tl, triton, tuned, use_triton
+from ._common import cdiv, check_same_device, config, multiprocessors, next_power_of_2, tl, triton, tuned, use_triton
 
 MAX_N = 65536  # one row must fit in one block
 
@@ -63,6 +64,7 @@ def _rms_norm_fwd_kernel(
 def _rms_norm_bwd_kernel(
     dy_ptr, x_ptr, w_ptr, rstd_ptr,  # inputs: dy, x (M, N); w (N,); rstd (M,) fp32
     dx_ptr, dw_partial_ptr,  # outputs: dx (M, N); dw_partial (>= number of programs, N) fp32
+    n_partial_ptr,  # output: (1,) int32, the number of programs (= rows of dw_partial written)
     M, N, stride_dy, stride_x, stride_dx,
     HAS_DW: tl.constexpr,  # False when the weight is frozen (LoRA): no dw at all
     BLOCK_M: tl.constexpr,
@@ -94,6 +96,27 @@ def _rms_norm_bwd_kernel(
 
     if HAS_DW:
         tl.store(dw_partial_ptr + pid * N + cols, dw, mask=col_ok)
+        tl.store(n_partial_ptr, tl.num_programs(0), mask=pid == 0)  # the launcher's grid depends on the config
+
+
+@triton.jit
+def _rms_norm_dw_kernel(
+    dw_partial_ptr,  # (>= G, N) fp32: one partial sum per backward program
+    n_partial_ptr,  # (1,) int32: G, the number of rows the backward wrote
+    dw_ptr,  # output (N,) in the weight's dtype
+    N,
+    BLOCK_G: tl.constexpr,  # partial rows added per step
+    BLOCK_COLS: tl.constexpr,  # columns per program
+):
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col_ok = cols < N
+    n_partial = tl.load(n_partial_ptr)
+    acc = tl.zeros((BLOCK_G, BLOCK_COLS), dtype=tl.float32)
+    for start in range(0, n_partial, BLOCK_G):
+        g = start + tl.arange(0, BLOCK_G)
+        mask = (g < n_partial)[:, None] & col_ok[None, :]
+        acc += tl.load(dw_partial_ptr + g[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(dw_ptr + cols, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty), mask=col_ok)
 
 
 # GPU candidates, autotuned per N (the first is the default when tuning is off). The interpreter runs many rows per
@@ -107,6 +130,10 @@ _bwd = tuned(_rms_norm_bwd_kernel, key=["N"], interpreter=config(BLOCK_M=16, PRO
     config(BLOCK_M=2, PROGRAMS_PER_SM=8, num_warps=4), config(BLOCK_M=4, PROGRAMS_PER_SM=4, num_warps=8),
     config(BLOCK_M=4, PROGRAMS_PER_SM=2, num_warps=16)])
 _MAX_PROGRAMS_PER_SM = 8
+# The dw sum: a few hundred partial rows of N fp32; more, narrower column blocks = more programs reading at once.
+_dw = tuned(_rms_norm_dw_kernel, key=["N"], interpreter=config(BLOCK_G=64, BLOCK_COLS=512), configs=[
+    config(BLOCK_G=64, BLOCK_COLS=32, num_warps=4), config(BLOCK_G=128, BLOCK_COLS=16, num_warps=4),
+    config(BLOCK_G=32, BLOCK_COLS=64, num_warps=4)])
 
 
 def _rows(t: torch.Tensor, N: int) -> torch.Tensor:
@@ -126,7 +153,7 @@ class RMSNormFunction(torch.autograd.Function):
         y = torch.empty((M, N), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
         if M > 0:
-            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+            grid = lambda meta: (cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
             _fwd[grid](x2, weight, y, rstd, M, N, x2.stride(0), y.stride(0), eps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
@@ -140,14 +167,21 @@ class RMSNormFunction(torch.autograd.Function):
         dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
         sms = multiprocessors(x2.device)
         # grid-stride: a few programs per SM, never more than there are row blocks; each writes its dw row
-        grid = lambda meta: (max(1, min(triton.cdiv(M, meta["BLOCK_M"]), sms * meta["PROGRAMS_PER_SM"])),)  # noqa
+        grid = lambda meta: (max(1, min(cdiv(M, meta["BLOCK_M"]), sms * meta["PROGRAMS_PER_SM"])),)  # noqa
         has_dw = ctx.needs_input_grad[1]
-        dw_partial = torch.zeros((max(1, min(M, sms * _MAX_PROGRAMS_PER_SM)) if has_dw else 1, N),
-                                 dtype=torch.float32, device=x2.device)  # rows of programs that did not run stay 0
-        if M > 0:
-            _bwd[grid](dy2, x2, weight, rstd, dx, dw_partial, M, N, dy2.stride(0), x2.stride(0), dx.stride(0),
-                       HAS_DW=has_dw)
-        dw = dw_partial.sum(0).to(weight.dtype) if has_dw else None
+        if M == 0:
+            return dx.view(ctx.x_shape), torch.zeros_like(weight) if has_dw else None, None
+        if has_dw:  # one fp32 row per backward program (never more than this), and their count
+            dw_partial = torch.empty((min(M, sms * _MAX_PROGRAMS_PER_SM), N), dtype=torch.float32, device=x2.device)
+            n_partial = torch.empty(1, dtype=torch.int32, device=x2.device)
+        else:  # a frozen weight (LoRA): nothing to allocate, the pointers are not used
+            dw_partial = n_partial = rstd
+        _bwd[grid](dy2, x2, weight, rstd, dx, dw_partial, n_partial, M, N, dy2.stride(0), x2.stride(0), dx.stride(0),
+                   HAS_DW=has_dw)
+        if not has_dw:
+            return dx.view(ctx.x_shape), None, None
+        dw = torch.empty(N, dtype=weight.dtype, device=weight.device)
+        _dw[lambda meta: (cdiv(N, meta["BLOCK_COLS"]),)](dw_partial, n_partial, dw, N)
         return dx.view(ctx.x_shape), dw, None
 
 

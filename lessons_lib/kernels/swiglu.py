@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import check_same_device, config, tl, triton, tuned, use_triton
+from ._common import cdiv, check_same_device, config, tl, triton, tuned, use_triton
 
 
 def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ _bwd = tuned(_swiglu_bwd_kernel, key=[], configs=_CONFIGS, interpreter=config(BL
 
 
 def _grid(n_elements: int):
-    return lambda meta: (triton.cdiv(n_elements, meta["BLOCK"]),)
+    return lambda meta: (cdiv(n_elements, meta["BLOCK"]),)
 
 
 class SwiGLUFunction(torch.autograd.Function):
