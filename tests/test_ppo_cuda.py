@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from lessons_lib import PPOConfig, PPOTrainer, get_peft_model, load_model
+from lessons_lib.data import chat_prompt
 from lessons_lib.ppo.rollout import token_logprobs
-from test_ppo_helpers import lowercase_reward, make_dataset
+from test_ppo_helpers import lowercase_reward
 
 pytestmark = pytest.mark.cuda
 
@@ -37,13 +38,14 @@ def test_qlora_ppo_steps_on_gpu(tmp_path):
                            lora_dropout=0.1, verbose=False)
     cfg = PPOConfig(batch_size=16, mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=2,
                     learning_rate=1e-3, max_new_tokens=16, progress=False)
-    trainer = PPOTrainer(cfg, model=model, tokenizer=tok, dataset=make_dataset(32),
-                         reward_fns=[(lowercase_reward, 1.0)])
+    # no `datasets` on the GPU machine: queries are tokenized here instead of coming from trainer.dataloader
+    trainer = PPOTrainer(cfg, model=model, tokenizer=tok, reward_fns=[(lowercase_reward, 1.0)])
+    queries = [torch.tensor(tok(chat_prompt(tok, f"name {n} fruits"), add_special_tokens=False)["input_ids"])
+               for n in range(16)]
     for _ in range(3):
-        batch = next(iter(trainer.dataloader))
-        responses = trainer.generate(batch["input_ids"], return_prompt=False, generate_kwargs={"max_new_tokens": 16})
-        rewards = trainer.compute_reward(responses=responses, queries=batch["input_ids"])
-        stats = trainer.step(queries=batch["input_ids"], responses=responses, rewards=rewards)
+        responses = trainer.generate(queries, return_prompt=False, generate_kwargs={"max_new_tokens": 16})
+        rewards = trainer.compute_reward(responses=responses, queries=queries)
+        stats = trainer.step(queries=queries, responses=responses, rewards=rewards)
         assert all(math.isfinite(v) for v in stats.values()), stats
     assert stats["objective/kl"] != 0 and trainer.ref_model is None
     path = trainer.save_checkpoint(tmp_path / "ck")
