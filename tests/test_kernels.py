@@ -484,6 +484,68 @@ def test_every_launch_config(kernel):
                 run_check()
 
 
+def _graph_case(kernel):
+    """(leaves that get gradients, other inputs, the op) at a moderate bf16 shape, for test_cuda_graph_capture."""
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    if kernel == "rms_norm":
+        return [torch.randn(300, 1536, **bf16), torch.randn(1536, **bf16)], [], lambda x, w: rms_norm(x, w)
+    if kernel == "rope":
+        q, k, cos, sin = rope_inputs(2, 12, 2, 37, 128, torch.bfloat16)
+        return [q.detach(), k.detach()], [cos, sin], lambda q, k, cos, sin: apply_rope(q, k, cos, sin)
+    if kernel == "swiglu":
+        return [torch.randn(300, 8960, **bf16), torch.randn(300, 8960, **bf16)], [], lambda g, u: swiglu(g, u)
+    if kernel == "logprobs":
+        index = torch.randint(0, 151936, (64,), device="cuda")
+        return [3 * torch.randn(64, 151936, **bf16)], [index], lambda x, i: logprobs_and_entropy(x, i, 0.7)
+    packed, state = quantize_nf4(torch.randn(1536, 1536, **bf16) * 0.02, blocksize=64, double_quant=True)
+    return [], [packed], lambda p: nf4_dequantize(p, state)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["rms_norm", "rope", "swiglu", "logprobs", "nf4_dequantize"])
+def test_cuda_graph_capture(kernel, monkeypatch):
+    """Forward and backward of every op can be captured in a CUDA graph (no host sync, the tuned launch path), and a
+    replay on new input values equals an eager call bit for bit: what bench.device_time_ms relies on."""
+    from lessons_lib.kernels import bench
+
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    leaves, others, op = _graph_case(kernel)
+    leaves = [t.requires_grad_() for t in leaves]
+    grads_out = []
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        outs = op(*leaves, *others)
+        outs = list(outs) if isinstance(outs, tuple) else [outs]
+        if leaves:
+            if not grads_out:
+                grads_out.extend(torch.randn_like(o) for o in outs)
+            torch.autograd.backward(outs, grads_out)
+        return [o.detach() for o in outs] + [t.grad for t in leaves]
+
+    step()  # tunes every launcher on this key
+    assert bench.device_time_ms(step, leaves) > 0
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():  # new values in the same tensors
+        for t in leaves + [t for t in others if t.is_floating_point()]:
+            t.copy_(torch.randn_like(t) * t.abs().max())
+        if kernel == "nf4_dequantize":
+            others[0].copy_(torch.randint_like(others[0], 0, 256))
+    graph.replay()
+    replayed = [t.clone() for t in captured]
+    eager = step()
+    for i, (a, b) in enumerate(zip(replayed, eager)):
+        assert torch.equal(a, b), f"{kernel}: tensor {i} of the replay differs from eager"
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("kernel", ["rms_norm", "rope", "swiglu", "logprobs", "nf4_dequantize"])
 def test_cuda_autotuned_path(kernel, monkeypatch):
