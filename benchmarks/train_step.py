@@ -1,15 +1,20 @@
-"""One LoRA training step on a 4-bit model: lessons_lib against transformers + peft (and Liger, Unsloth if present).
+"""One LoRA training step on a 4-bit model: lessons_lib against transformers + peft, Liger-Kernel and Unsloth.
 
     python benchmarks/train_step.py            # GPU: Qwen2-1.5B config, random weights, B=8, T=512, NF4 + LoRA r=16 qkvo
     python benchmarks/train_step.py --quick    # CPU, tiny config, seconds: checks that every stack runs
-    python benchmarks/train_step.py --loss-memory   # CPU: peak memory of the loss alone, transformers vs chunked
+    python benchmarks/train_step.py --stacks hf_peft,fast_graph   # any subset (names below)
 
 Every stack runs in its own subprocess (Liger and Unsloth patch transformers globally; peak memory must not
 carry over), on the same randomly initialised weights saved once: speed and memory do not depend on the values.
-Per stack: load time and memory after load, then `--warmup` steps (not timed), then the median of `--steps`
-steps (forward + backward + AdamW, synchronised), tokens/s and the peak of torch.cuda.max_memory_allocated over
-the timed steps. Ratios are against "transformers + peft, no upcast" measured in the same run. Results go to
-benchmarks/results/train_step.md and .json (train_step_quick.* for --quick) with the command, date and hardware.
+Per stack: load time and memory after load; then, for the CUDA-graph stacks, `compile_train_step` (eager warm-up
+steps + capture: its time is reported as compile time); then `--warmup` steps (not timed) and the median of
+`--steps` steps (forward + backward + AdamW, synchronised), tokens/s, and the peak of
+torch.cuda.max_memory_allocated from the end of loading to the end of the timed steps (so it covers the warm-up
+and the capture: a graph's replays allocate nothing, the capture is where its memory shows). Also the peak
+reserved by the caching allocator (what nvidia-smi would roughly see). Ratios are against "transformers + peft,
+no upcast" measured in the same run. Results go to benchmarks/results/train_step.md and .json
+(train_step_quick.* for --quick) with the command, date and hardware. CPU-only measurements (operator counts per
+step, the loss's memory) are in benchmarks/train_step_cpu.py.
 """
 
 from __future__ import annotations
@@ -40,11 +45,17 @@ STACKS = {  # name -> (description, needs)
     "hf_peft": ("transformers + peft, no upcast, non-reentrant checkpointing", None),
     "hf_peft_liger": ("same + Liger-Kernel (apply_liger_kernel_to_qwen2)", "liger_kernel"),
     "unsloth": ("Unsloth FastLanguageModel, use_gradient_checkpointing='unsloth'", "unsloth"),
-    "lessons": ("lessons_lib load_model + get_peft_model, transformers loss", None),
-    "lessons_lean": ("lessons_lib + causal_lm_loss (chunked, no full logits)", None),
+    "lessons": ("lessons_lib load_model + get_peft_model + causal_lm_loss (fused linear cross-entropy)", None),
+    "lessons_graph": ("same, whole step in a CUDA graph (compile_train_step)", None),
     "lessons_kernels": ("lessons_lib + causal_lm_loss + kernels.patch_model (Triton)", "triton"),
+    "fast": ("lessons_lib FastDecoder (fused q|k|v, LoRA by hand, MLP fused per chunk), eager", None),
+    "fast_graph": ("FastDecoder, whole step in a CUDA graph", None),
+    "fast_graph_offload": ("FastDecoder + checkpoints offloaded to pinned CPU memory, CUDA graph", None),
     "bf16_lora": ("for scale: bf16 (no 4-bit) + LoRA, transformers + peft", None),
 }
+DEFAULT_STACKS = ["hf_peft", "hf_peft_liger", "unsloth", "bf16_lora", "lessons_graph", "fast", "fast_graph",
+                  "fast_graph_offload"]
+GRAPHED = {"lessons_graph", "fast_graph", "fast_graph_offload"}
 BASELINE = "hf_peft"
 
 
@@ -75,18 +86,25 @@ def build_stack(name, model_dir, device, dtype, seq_len, gradient_checkpointing)
         model = FastLanguageModel.get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, lora_dropout=0,
                                                  bias="none", use_gradient_checkpointing="unsloth")
         return model, hf_loss
-    if name.startswith("lessons"):
+    if name.startswith(("lessons", "fast")):
         from lessons_lib.models import causal_lm_loss, get_peft_model, load_model
 
+        fast = name.startswith("fast")  # FastDecoder recomputes layers itself: no transformers checkpointing
         model, _ = load_model(model_dir, max_seq_length=seq_len, dtype=dtype, device=device,
-                              gradient_checkpointing=gradient_checkpointing)
+                              gradient_checkpointing=gradient_checkpointing and not fast)
+        if name == "lessons_graph":  # no dropout anywhere: checkpoints need not save and restore the RNG state
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                               "preserve_rng_state": False})
         if name == "lessons_kernels":
             from lessons_lib.kernels import patch_model
 
             patch_model(model)
         model = get_peft_model(model, r=16, target_modules=TARGETS, lora_alpha=16, verbose=False)
-        if name == "lessons":
-            return model, hf_loss
+        if fast:
+            from lessons_lib.fast_train import FastDecoder
+
+            decoder = FastDecoder(model, offload=name.endswith("offload"))
+            return model, lambda m, ids: decoder.loss(ids)
         return model, lambda m, ids: causal_lm_loss(m, ids)
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -135,6 +153,8 @@ def run_stack(args) -> dict:
     sync()
     load_s = time.perf_counter() - start
     mem_load = gib(torch.cuda.memory_allocated()) if cuda else float("nan")
+    if cuda:  # from here on: warm-up, capture and timed steps
+        torch.cuda.reset_peak_memory_stats()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     vocab = model.config.vocab_size if hasattr(model, "config") else model.get_base_model().config.vocab_size
@@ -142,17 +162,27 @@ def run_stack(args) -> dict:
     ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen).to(device)
     model.train()
 
-    def step():
-        loss = loss_fn(model, ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+    compile_s, graphed = 0.0, False
+    if args.stack in GRAPHED:
+        from lessons_lib.fast_train import compile_train_step
+
+        t0 = time.perf_counter()
+        train = compile_train_step(lambda input_ids: loss_fn(model, input_ids), optimizer, {"input_ids": ids})
+        sync()
+        compile_s, graphed = time.perf_counter() - t0, train.graphed
+
+        def step():
+            return train({"input_ids": ids})
+    else:
+        def step():
+            loss = loss_fn(model, ids)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
 
     losses = [step().item() for _ in range(args.warmup)]
     sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -161,58 +191,13 @@ def run_stack(args) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     ms = 1000 * statistics.median(times)
+    nan = float("nan")
     return dict(stack=args.stack, description=STACKS[args.stack][0], ms_per_step=ms,
-                tokens_per_s=args.batch * args.seq_len / (ms / 1000), peak_gib=gib(torch.cuda.max_memory_allocated())
-                if cuda else float("nan"), load_gib=mem_load, load_s=load_s,
-                trainable_params=sum(p.numel() for p in trainable), first_loss=losses[0], last_loss=losses[-1],
-                step_ms_all=[1000 * t for t in times])
-
-
-def loss_memory(variant: str, chunk_tokens: int) -> dict:
-    """CPU, one process per variant: the rise of peak RSS during one forward + backward of the loss, on a small
-    body with Qwen2's 151,936-word vocabulary (4 x 256 tokens), where the logits dominate memory."""
-    import resource
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from lessons_lib.models import causal_lm_loss
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_config(cfg)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=16, target_modules=TARGETS))
-    ids = torch.randint(0, cfg.vocab_size, (4, 256))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    loss = model(input_ids=ids, labels=ids).loss if variant == "transformers" else causal_lm_loss(model, ids,
-                                                                                                   chunk_tokens=chunk_tokens)
-    loss.backward()
-    rise = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
-    return dict(variant=variant, chunk_tokens=chunk_tokens, loss=loss.item(), peak_rise_gib=rise)
-
-
-def run_loss_memory() -> int:
-    rows = []
-    for variant, chunk in [("transformers", 0), ("causal_lm_loss", 1024), ("causal_lm_loss", 256),
-                           ("causal_lm_loss", 128)]:
-        proc = subprocess.run([sys.executable, __file__, "--loss-memory-child", f"{variant}:{chunk}"],
-                              capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(proc.stderr[-2000:])
-            return 1
-        rows.append(json.loads(line[len("RESULT "):]))
-    print("| loss | positions per chunk | loss value | peak RSS rise, GiB |\n|---|---|---|---|")
-    for r in rows:
-        chunk = "all (1,020)" if r["variant"] == "transformers" else f"{r['chunk_tokens']:,}"
-        print(f"| {r['variant']} | {chunk} | {r['loss']:.4f} | {r['peak_rise_gib']:.2f} |")
-    return 0
+                tokens_per_s=args.batch * args.seq_len / (ms / 1000),
+                peak_gib=gib(torch.cuda.max_memory_allocated()) if cuda else nan,
+                reserved_gib=gib(torch.cuda.max_memory_reserved()) if cuda else nan, load_gib=mem_load,
+                load_s=load_s, compile_s=compile_s, graphed=graphed, trainable_params=sum(p.numel() for p in trainable),
+                first_loss=losses[0], last_loss=losses[-1], step_ms_all=[1000 * t for t in times])
 
 
 # ------------------------------------------------------------------------------------------ the driver
@@ -270,23 +255,32 @@ def hardware() -> dict:
 
 
 def render(results: list[dict], meta: dict) -> str:
-    base = next((r for r in results if r.get("stack") == BASELINE and "error" not in r), None)
+    ok = {r["stack"]: r for r in results if "error" not in r}
+    base, unsloth = ok.get(BASELINE), ok.get("unsloth")
     lines = [f"# One training step: NF4 4-bit + LoRA r=16 on q, k, v, o ({meta['config']})", "",
              f"- command: `{meta['command']}`", f"- date: {meta['date']}",
              f"- hardware: {meta['hardware'].get('gpu', meta['hardware']['cpu'])}; "
              + ", ".join(f"{k} {v}" for k, v in meta["hardware"].items() if k not in ("gpu", "cpu") and v),
-             f"- batch {meta['batch']} x {meta['seq_len']} tokens, warm-up {meta['warmup']} steps, "
-             f"median of {meta['steps']} timed steps; peak = torch.cuda.max_memory_allocated over the timed steps", "",
-             "| stack | ms/step | tokens/s | peak GiB | after load GiB | speed vs baseline | peak vs baseline | loss first → last |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"- batch {meta['batch']} x {meta['seq_len']} tokens, warm-up {meta['warmup']} steps, median of "
+             f"{meta['steps']} timed steps; peak = torch.cuda.max_memory_allocated from the end of loading to the end "
+             f"of the timed steps (warm-up and graph capture included); reserved = the same for "
+             f"max_memory_reserved; compile = compile_train_step's warm-up + capture", "",
+             "| stack | ms/step | tokens/s | peak GiB | reserved GiB | after load GiB | compile s | "
+             "speed vs baseline | speed vs Unsloth | peak vs Unsloth | loss first → last |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ratio = lambda a, b: f"{a / b:.2f}x" if b and a == a and b == b else "-"  # noqa: E731  (nan-safe)
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['description']} | failed: {r['error'][:120]} | | | | | | |")
+            lines.append(f"| {r['description']} | failed: {r['error'][:120]} |" + " |" * 9)
             continue
-        speed = f"{base['ms_per_step'] / r['ms_per_step']:.2f}x" if base else "-"
-        peak = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if base and base["peak_gib"] == base["peak_gib"] else "-"
-        lines.append(f"| {r['description']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | "
-                     f"{r['load_gib']:.2f} | {speed} | {peak} | {r['first_loss']:.3f} → {r['last_loss']:.3f} |")
+        graph = "" if r["stack"] not in GRAPHED else (" (graph)" if r.get("graphed") else " (capture failed: eager)")
+        lines.append(
+            f"| {r['description']}{graph} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | "
+            f"{r.get('reserved_gib', float('nan')):.2f} | {r['load_gib']:.2f} | {r.get('compile_s', 0):.1f} | "
+            f"{ratio(base['ms_per_step'], r['ms_per_step']) if base else '-'} | "
+            f"{ratio(unsloth['ms_per_step'], r['ms_per_step']) if unsloth else '-'} | "
+            f"{ratio(r['peak_gib'], unsloth['peak_gib']) if unsloth else '-'} | "
+            f"{r['first_loss']:.3f} → {r['last_loss']:.3f} |")
     skipped = meta.get("skipped")
     if skipped:
         lines += ["", "Not run (package not importable): " + ", ".join(skipped)]
@@ -296,23 +290,17 @@ def render(results: list[dict], meta: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny config on CPU, a few steps: checks the script")
-    parser.add_argument("--stacks", default=",".join(STACKS), help="comma-separated subset of " + ",".join(STACKS))
+    parser.add_argument("--stacks", default=",".join(DEFAULT_STACKS),
+                        help="comma-separated subset of " + ",".join(STACKS) + " (default: " + ",".join(DEFAULT_STACKS)
+                        + ")")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="results path without extension")
-    parser.add_argument("--loss-memory", action="store_true", help="CPU: memory of the loss alone (see loss_memory)")
     parser.add_argument("--stack", help=argparse.SUPPRESS)  # internal: run one stack, print its JSON
-    parser.add_argument("--loss-memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.loss_memory_child:
-        variant, chunk = args.loss_memory_child.split(":")
-        print("RESULT " + json.dumps(loss_memory(variant, int(chunk))))
-        return 0
-    if args.loss_memory:
-        return run_loss_memory()
     quick = args.quick
     args.batch = args.batch or (2 if quick else 8)
     args.seq_len = args.seq_len or (32 if quick else 512)
@@ -347,8 +335,8 @@ def main(argv=None):
         result = json.loads(line[len("RESULT "):])
         results.append(result)
         print(f"   {result['ms_per_step']:.1f} ms/step, {result['tokens_per_s']:,.0f} tokens/s, "
-              f"peak {result['peak_gib']:.2f} GiB, loss {result['first_loss']:.3f} → {result['last_loss']:.3f}",
-              flush=True)
+              f"peak {result['peak_gib']:.2f} GiB, compile {result['compile_s']:.1f} s (graphed: {result['graphed']}), "
+              f"loss {result['first_loss']:.3f} → {result['last_loss']:.3f}", flush=True)
 
     meta = dict(command="python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *(argv or sys.argv[1:])]),
                 date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), hardware=hardware(),

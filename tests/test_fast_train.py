@@ -1,7 +1,9 @@
 """lessons_lib.fast_train: FastDecoder's loss and every LoRA gradient equal transformers + peft's; the offload
 bookkeeping; compile_train_step (eager here, CUDA graphs in the cuda-marked tests)."""
 
+import contextlib
 import logging
+import warnings
 
 import pytest
 import torch
@@ -169,3 +171,100 @@ def test_compile_train_step_errors(model_dirs):
     p = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="CUDA device"):
         compile_train_step(lambda: p.sum(), torch.optim.SGD([p], lr=1.0), cuda_graph=True)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA (GPU machine)
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    """A failed capture falls back to eager with a warning: here that must fail the test."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="compile_train_step")
+        yield
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_cuda_bf16_4bit_matches_transformers(model_dirs, arch):
+    """bf16 on the GPU: flash attention, fused q|k|v matmul, chunked MLP and loss round differently from
+    transformers + peft + bitsandbytes, so compare whole tensors: relative error of each LoRA gradient < 3%."""
+    model = lora_model(model_dirs[arch], device="cuda", dtype=torch.bfloat16)
+    ids, _, _ = batch(B=4, T=64, device="cuda")
+    ref_loss, ref = loss_and_grads(model, lambda: model(input_ids=ids, labels=ids).loss)
+    dec = FastDecoder(model, mlp_chunk_tokens=100, loss_chunk_tokens=48)
+    loss, grads = loss_and_grads(model, lambda: dec.loss(ids))
+    assert abs(loss.item() - ref_loss.item()) < 0.01 * ref_loss.item()
+    worst = max((_rel(grads[n], ref[n]), n) for n in ref)
+    assert worst[0] < 0.03, worst
+
+
+def _train(model_dir, graph: bool, offload: bool, steps: int = 3):
+    torch.manual_seed(0)
+    model = lora_model(model_dir, device="cuda", dtype=torch.bfloat16)
+    dec = FastDecoder(model, offload=offload, mlp_chunk_tokens=100)
+    opt = torch.optim.AdamW(dec.trainable_parameters(), lr=1e-3, capturable=True)
+
+    def loss_fn(input_ids):  # PPO-style: a loss and statistics, one of them from a no-grad pass
+        with torch.no_grad():
+            hidden = dec(input_ids)
+        return dec.loss(input_ids), {"hidden_rms": hidden.float().pow(2).mean().sqrt()}
+
+    batches = [batch(B=4, T=64, device="cuda", seed=s)[0] for s in range(steps)]
+    step = compile_train_step(loss_fn, opt, {"input_ids": batches[0]}, cuda_graph=graph, max_grad_norm=1.0)
+    assert step.graphed == graph
+    out = [step({"input_ids": b}) for b in batches]
+    return out, [p.detach().float().clone() for p in dec.trainable_parameters()], step
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("offload", [False, True], ids=["on-gpu", "offload"])
+def test_cuda_graph_step_equals_eager(model_dirs, offload):
+    """The captured step (forward, backward, clip, AdamW) replays exactly what the eager step computes."""
+    with warnings_as_errors():
+        graphed, graphed_params, step = _train(model_dirs["qwen2"], graph=True, offload=offload)
+    eager, eager_params, _ = _train(model_dirs["qwen2"], graph=False, offload=offload)
+    assert step.capture_s > 0
+    for (loss, stats), (ref_loss, ref_stats) in zip(graphed, eager):
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats["hidden_rms"], ref_stats["hidden_rms"], rtol=1e-5, atol=1e-6)
+    assert graphed[0][0] != graphed[-1][0]  # the steps did train
+    torch.testing.assert_close(graphed_params, eager_params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_offload_gives_the_same_gradients(model_dirs):
+    model = lora_model(model_dirs["llama"], device="cuda", dtype=torch.bfloat16)
+    ids, _, _ = batch(B=4, T=64, device="cuda")
+    ref = loss_and_grads(model, lambda: FastDecoder(model).loss(ids))
+    dec = FastDecoder(model, offload=True)
+    assert_same(loss_and_grads(model, lambda: dec.loss(ids)), ref, 0, 0)
+    assert dec._offloader.host[0].is_pinned()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_of_the_transformers_model(model_dirs):
+    """compile_train_step also captures the transformers + peft model (lessons_lib.load_model, causal_lm_loss,
+    non-reentrant checkpointing without RNG bookkeeping): the graph replays what the eager step computes."""
+    from lessons_lib.loss import causal_lm_loss
+
+    results = []
+    for graph in (True, False):
+        torch.manual_seed(0)
+        model = lora_model(model_dirs["qwen2"], device="cuda", dtype=torch.bfloat16)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                           "preserve_rng_state": False})
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3, capturable=True)
+        batches = [batch(B=4, T=64, device="cuda", seed=s)[0] for s in range(3)]
+        step = compile_train_step(lambda input_ids: causal_lm_loss(model, input_ids), opt,
+                                  {"input_ids": batches[0]}, cuda_graph=graph)
+        assert step.graphed == graph
+        results.append(([step({"input_ids": b}) for b in batches], [p.detach().float().clone() for p in params]))
+    (losses, params), (ref_losses, ref_params) = results
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(params, ref_params, rtol=1e-5, atol=1e-6)

@@ -19,8 +19,9 @@ and the backward, given dy (N, out) (only W^T is needed from the base: W is froz
     dA   = d_t^T @ x_l                               (R, in), split into the A_j
     dx   = dy @ W + (d_t @ A).to(dtype)              (N, in): W is dequantized again rather than kept
 
-The same arithmetic as peft + bitsandbytes (which the tests check), in fewer kernels: 3 LoRA matmuls for q|k|v
-instead of 6, one base matmul instead of 3, and only x saved for the backward (peft saves an fp32 copy per adapter).
+The same arithmetic as peft + bitsandbytes (which the tests check), in fewer kernels: 4 LoRA matmuls for q|k|v
+instead of 6, one base matmul instead of 3, and only x (and the dequantized W) saved for the backward (peft saves
+an fp32 copy of x per adapter).
 """
 
 from __future__ import annotations
@@ -131,13 +132,18 @@ class Proj:
         return w
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The fused bias (out,) in `dtype`, or None; built once and kept while the biases are unchanged (they are
+        frozen: a captured graph reads the kept tensor)."""
         biases = [p.base.bias for p in self.parts]
         if all(b is None for b in biases):
             return None
-        if len(biases) == 1:
-            return biases[0].to(dtype)
-        return torch.cat([b.to(dtype) if b is not None else torch.zeros(n, dtype=dtype, device=biases[0].device)
-                          for b, n in zip(biases, self.sizes)])
+        key = (dtype, tuple(None if b is None else (b.data_ptr(), b._version) for b in biases))
+        if getattr(self, "_bias_key", None) != key:
+            self._bias = torch.cat([b.to(dtype) if b is not None else
+                                    torch.zeros(n, dtype=dtype, device=self.parts[0].base.weight.device)
+                                    for b, n in zip(biases, self.sizes)])
+            self._bias_key = key
+        return self._bias
 
 
 # ---------------------------------------------------------------------------------------------- the math
@@ -194,18 +200,21 @@ def proj_backward(proj: Proj, x: torch.Tensor, dy: torch.Tensor, loras, need_dx:
 
 
 class ProjFn(torch.autograd.Function):
-    """Autograd wrapper of proj_forward / proj_backward: apply(x, proj, loras, *lora_params)."""
+    """Autograd wrapper of proj_forward / proj_backward: apply(x, proj, loras, *lora_params). The dequantized base
+    weight is kept for the backward (one layer's worth at a time in FastDecoder: its recompute runs per layer)."""
 
     @staticmethod
     def forward(ctx, x, proj, loras, *params):
         ctx.proj, ctx.loras = proj, loras
+        ctx.weight = proj.weight(x.dtype, x.device)
         ctx.save_for_backward(x)
-        return proj_forward(proj, x, loras)
+        return proj_forward(proj, x, loras, weight=ctx.weight)
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        dx, grads = proj_backward(ctx.proj, x, dy, ctx.loras, need_dx=ctx.needs_input_grad[0])
+        dx, grads = proj_backward(ctx.proj, x, dy, ctx.loras, need_dx=ctx.needs_input_grad[0], weight=ctx.weight)
+        ctx.weight = None
         grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[3:])]
         return (dx, None, None, *grads)
 
