@@ -3,6 +3,8 @@ Launch overhead: the Python each kernel call costs on the host
 ==============================================================
 
     python kernels/launch_overhead.py [--calls 1000] [--repeats 7]
+    PYTHONPATH=<older checkout> python kernels/launch_overhead.py --no-write --save-json before.json
+    python kernels/launch_overhead.py --before before.json --before-label "<its commit>"   # adds a "before" column
 
 A kernel that runs for 5 microseconds on the GPU is slowed down by anything that takes longer than that to *issue*
 it: while the CPU is still in Python, the GPU waits. At the Qwen2-1.5B training shapes RMSNorm and RoPE run for
@@ -24,8 +26,10 @@ autograd engine's hand-off to its GPU thread on a backward pass. kernels/bench_a
 
 import argparse
 import datetime
+import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -130,6 +134,9 @@ def main():
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--save-json", help="also save {op: us per call} of the package's own launch path here")
+    parser.add_argument("--before", help="a --save-json file from another checkout: shown as a first column")
+    parser.add_argument("--before-label", default="before", help="what the --before column measured")
     args = parser.parse_args()
     torch.set_num_threads(1)
     stub_the_gpu()
@@ -153,11 +160,16 @@ def main():
         shown = "   ".join(f"{p}: {m:6.1f} us (spread {s:4.1f})" for p, (m, s) in results.items())
         print(f"{name:<34} {launches:3.0f} Triton launches   {shown}")
 
-    header = "| op | Triton launches | " + " | ".join(f"{p} us/call" for p in paths) + (
-        " | saved |" if len(paths) == 2 else " |")
+    if args.save_json:
+        Path(args.save_json).write_text(json.dumps({name: results["cached"][0] for name, _, results in rows}))
+    before = json.loads(Path(args.before).read_text()) if args.before else None
+    header = ("| op | Triton launches | " + (f"{args.before_label} us/call | " if before else "")
+              + " | ".join(f"{p} us/call" for p in paths) + (" | saved by the cached path |" if len(paths) == 2
+                                                              else " |"))
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, launches, results in rows:
-        cells = [f"{results[p][0]:.1f} (±{results[p][1] / 2:.1f})" for p in paths]
+        cells = ([f"{before[name]:.1f}" if name in before else "-"] if before else [])
+        cells += [f"{results[p][0]:.1f} (±{results[p][1] / 2:.1f})" for p in paths]
         saved = f" {results['autotuner'][0] - results['cached'][0]:.1f} us |" if len(paths) == 2 else ""
         lines.append(f"| {name} | {launches:.0f} | " + " | ".join(cells) + f" |{saved}")
     table = "\n".join(lines)
@@ -169,7 +181,7 @@ def main():
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join([
         "# Host-side cost of one kernel call (no GPU work)", "",
-        f"- command: `python kernels/launch_overhead.py --calls {args.calls} --repeats {args.repeats}`",
+        f"- command: `python kernels/launch_overhead.py {shlex.join(sys.argv[1:])}`",
         f"- date: {date}; python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}, "
         f"{cpu}, {os.cpu_count()} cores (shared: other jobs were running, so treat differences of a few us as noise)",
         "- what is timed (CPU time of the thread): everything above Triton's `JITFunction.run` (stubbed), on CPU "
@@ -177,7 +189,9 @@ def main():
         "itself, CUDA's launch latency, the launches of torch ops and the autograd engine's hand-off to its GPU "
         "thread are not in these numbers",
         "- autotuner: every launch through Triton's `Autotuner.run` (cache hit); cached: `Launcher` launches the jit "
-        "function directly with the cached config; median over the repeats (± half the spread)", "",
+        "function directly with the cached config; median over the repeats (± half the spread)"
+        + (f"; {args.before_label}: the same script run against that checkout (its own launch path)" if before
+           else ""), "",
         table, ""]))
     print("wrote", RESULTS)
 

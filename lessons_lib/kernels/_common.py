@@ -7,7 +7,8 @@ Nothing here is a kernel. The three ideas a reader needs:
 - `use_triton(impl, *tensors)` turns `impl="auto"|"triton"|"torch"` into a yes/no with a clear error when the
   Triton path cannot run. `auto` = Triton on CUDA tensors or in the interpreter, else the torch reference.
 - `tuned(kernel, configs, key, interpreter=...)` makes a `Launcher`: it autotunes over a few launch configs on a
-  GPU; the interpreter cannot time anything, so there it launches with its own config (big blocks: few Python
+  GPU (the first launch of each key), then launches with the config it picked, without the autotuner's per-call
+  Python; the interpreter cannot time anything, so there it launches with its own config (big blocks: few Python
   steps). `python kernels/compile_check.py` compiles every config for a GPU, without one, and shows its registers.
 """
 
@@ -74,16 +75,23 @@ def use_triton(impl: str, *tensors: torch.Tensor, op: str) -> bool:
 
 
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"{op}: tensors on different devices: " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+    first, *others = tensors.values()
+    if any(t.device != first.device for t in others):  # (runs on every call: kept cheap)
+        raise ValueError(f"{op}: tensors on different devices: "
+                         + ", ".join(f"{k} on {t.device}" for k, t in tensors.items()))
+
+
+_SMS: dict = {}
 
 
 def multiprocessors(device: torch.device) -> int:
-    """Streaming multiprocessors of a GPU (1 in the interpreter): persistent kernels launch a few programs per SM."""
-    if device.type == "cuda" and not INTERPRETED:
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    """Streaming multiprocessors of a GPU (1 in the interpreter): persistent kernels launch a few programs per SM.
+    Asked once per device (a backward pass calls this on every call, possibly inside a CUDA graph capture)."""
+    if device.type != "cuda" or INTERPRETED:
+        return 1
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
 
 
 AUTOTUNE = True  # False: GPU launches use the first config (the GPU tests turn tuning off to save compile time)
