@@ -117,7 +117,7 @@ def mlp_forward(layer: Layer, h: torch.Tensor, run: Run, gu_loras, d_loras) -> t
     for a in range(0, h.shape[0], run.mlp_chunk):
         b = min(a + run.mlp_chunk, h.shape[0])
         gate, up = _swiglu_parts(proj_forward(layer.gate_up, h[a:b], gu_loras, weight=w_gu))  # (C, I) each
-        out[a:b] = proj_forward(layer.down, F.silu(gate) * up, d_loras, weight=w_d)
+        proj_forward(layer.down, F.silu(gate) * up, d_loras, weight=w_d, out=out[a:b])
     return out
 
 
@@ -138,9 +138,8 @@ def mlp_backward(layer: Layer, h: torch.Tensor, dy: torch.Tensor, run: Run, gu_l
         d_gate, d_up = _swiglu_parts(d_gu)
         torch.mul(d_in, act, out=d_up)                                     # mul backward: grad * other
         torch.ops.aten.silu_backward.grad_input(d_in * up, gate, grad_input=d_gate)
-        d_h, g_gu = proj_backward(layer.gate_up, h[a:b], d_gu, gu_loras, need_dx=need_dh, weight=w_gu)
-        if need_dh:
-            dh[a:b] = d_h
+        _, g_gu = proj_backward(layer.gate_up, h[a:b], d_gu, gu_loras, need_dx=need_dh, weight=w_gu,
+                                dx_out=dh[a:b] if need_dh else None)
         chunk_grads = g_gu + g_d
         grads = chunk_grads if grads is None else [s + g for s, g in zip(grads, chunk_grads)]
     return dh, grads or []

@@ -154,10 +154,16 @@ def lora_params(loras: list[tuple[int, int, LoRA]]) -> list[torch.Tensor]:
     return [t for _, _, lora in loras for t in (lora.A, lora.B)]
 
 
-def proj_forward(proj: Proj, x: torch.Tensor, loras, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """x (N, in) -> y (N, out), no autograd. `weight`: the dequantized base weight, if the caller has it."""
+def proj_forward(proj: Proj, x: torch.Tensor, loras, weight: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (N, in) -> y (N, out), no autograd. `weight`: the dequantized base weight, if the caller has it;
+    `out`: a contiguous (N, out) tensor to write y into (same numbers as F.linear: addmm with the bias, else mm)."""
     w = proj.weight(x.dtype, x.device) if weight is None else weight
-    y = F.linear(x, w, proj.bias(x.dtype))                                  # (N, out)
+    bias = proj.bias(x.dtype)
+    if out is None:
+        y = F.linear(x, w, bias)                                            # (N, out)
+    else:
+        y = torch.addmm(bias, x, w.t(), out=out) if bias is not None else torch.mm(x, w.t(), out=out)
     if loras:
         ldt = loras[0][2].A.dtype
         A = torch.cat([lora.A for _, _, lora in loras]) if len(loras) > 1 else loras[0][2].A  # (R, in)
@@ -171,9 +177,13 @@ def proj_forward(proj: Proj, x: torch.Tensor, loras, weight: torch.Tensor | None
 
 
 def proj_backward(proj: Proj, x: torch.Tensor, dy: torch.Tensor, loras, need_dx: bool = True,
-                  weight: torch.Tensor | None = None):
-    """Gradients of <y, dy>: (dx or None, [dA_1, dB_1, dA_2, dB_2, ...] in the LoRA dtype)."""
-    dx = dy @ (proj.weight(dy.dtype, dy.device) if weight is None else weight) if need_dx else None  # (N, in)
+                  weight: torch.Tensor | None = None, dx_out: torch.Tensor | None = None):
+    """Gradients of <y, dy>: (dx or None, [dA_1, dB_1, dA_2, dB_2, ...] in the LoRA dtype). `dx_out`: a contiguous
+    (N, in) tensor to write dx into."""
+    dx = None
+    if need_dx:
+        w = proj.weight(dy.dtype, dy.device) if weight is None else weight
+        dx = torch.mm(dy, w, out=dx_out) if dx_out is not None else dy @ w  # (N, in)
     grads = []
     if loras:
         ldt = loras[0][2].A.dtype
