@@ -134,6 +134,7 @@ def main():
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--out", default=str(RESULTS), help=f"results file (default {RESULTS})")
     parser.add_argument("--save-json", help="also save {op: us per call} of the package's own launch path here")
     parser.add_argument("--before", help="a --save-json file from another checkout: shown as a first column")
     parser.add_argument("--before-label", default="before", help="what the --before column measured")
@@ -178,8 +179,9 @@ def main():
         return
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cpu = platform.processor() or platform.machine()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join([
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join([
         "# Host-side cost of one kernel call (no GPU work)", "",
         f"- command: `python kernels/launch_overhead.py {shlex.join(sys.argv[1:])}`",
         f"- date: {date}; python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}, "
@@ -193,7 +195,7 @@ def main():
         + (f"; {args.before_label}: the same script run against that checkout (its own launch path)" if before
            else ""), "",
         table, ""]))
-    print("wrote", RESULTS)
+    print("wrote", out)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 #
 # 1. kernels/bench_all.py: checks, then per call / host / device (CUDA graph) times of every kernel and baseline;
 #    writes kernels/results/*.md, *.json and summary.md;
-# 2. kernels/launch_overhead.py: the host-side cost of each call on this machine's CPU (results/launch_overhead.md);
+# 2. kernels/launch_overhead.py: the host-side cost of each call on this machine's CPU
+#    (results/launch_overhead_gpu_host.md; results/launch_overhead.md is the development machine's, with "before");
 # 3. the CUDA tests of the kernels, of lessons_lib.nf4 against bitsandbytes' CUDA quantizer, and of the rollout
 #    engine (it runs the RMSNorm and RoPE kernels inside its CUDA graphs; and its 4-bit + LoRA path).
 # Logs and a copy of kernels/results/ go to $OUT/kernels/ ($OUT defaults to /tmp/out). Liger-Kernel and
@@ -21,7 +22,8 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT/kernels"
 start=$SECONDS
 python3 kernels/bench_all.py 2>&1 | tee "$OUT/kernels/bench_all.log"
-python3 kernels/launch_overhead.py --calls 300 --repeats 5 2>&1 | tee "$OUT/kernels/launch_overhead.log"
+python3 kernels/launch_overhead.py --calls 300 --repeats 5 --out kernels/results/launch_overhead_gpu_host.md \
+  2>&1 | tee "$OUT/kernels/launch_overhead.log"
 python3 -m pytest -q -m cuda -p no:cacheprovider -rsP tests/test_kernels.py tests/test_kernels_patching.py \
   tests/test_kernels_scripts.py tests/test_nf4.py tests/test_fast_generate.py \
   2>&1 | tee "$OUT/kernels/cuda_tests.log"
