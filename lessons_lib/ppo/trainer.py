@@ -70,8 +70,9 @@ class PPOTrainer:
         pairs = [entry if isinstance(entry, (tuple, list)) else (entry, 1.0) for entry in reward_fns]
         self.reward_fns = [(fn, rule_fn(fn), float(w)) for fn, w in pairs]
         self.value_head, self.critic = self._value_function(reward_model)
+        value = self.value_head if self.value_head is not None else self.critic
         self._params = [p for p in model.parameters() if p.requires_grad] + [
-            p for p in (self.value_head or self.critic).parameters() if p.requires_grad]
+            p for p in value.parameters() if p.requires_grad]
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("PPOTrainer: the model has no trainable parameters (attach LoRA adapters or unfreeze it)")
         self.optimizer = optimizer or self._optimizer()
@@ -184,8 +185,8 @@ class PPOTrainer:
             rm = to_scores(self.reward_fn(prompts, texts), len(texts), "reward model")
             self.last_reward_parts["reward_model"] = rm
             total += rm
-        for fn, rule_fn, weight in self.reward_fns:
-            rule = torch.tensor([float(rule_fn(p, r)) for p, r in zip(prompts, texts)])
+        for fn, two_argument_fn, weight in self.reward_fns:
+            rule = torch.tensor([float(two_argument_fn(p, r)) for p, r in zip(prompts, texts)])
             self.last_reward_parts[getattr(fn, "__name__", "rule")] = rule
             total += weight * rule
         return total
@@ -236,11 +237,13 @@ class PPOTrainer:
             print(f"step {self.current_step:>4} | " + self.log_line(stats))
         return stats
 
-    def _stop(self, what: str):
+    def _stop(self, what: str, during_update: bool = False):
         n = self.current_step + 1
         where = (f"the last good checkpoint is {self.last_checkpoint} (step {self.current_step_saved})"
                  if self.last_checkpoint else "no checkpoint was saved (set checkpoint_dir and save_every)")
-        raise NonFiniteError(f"step {n}: non-finite {what}. Training stopped before applying it; {where}.")
+        partly = " (earlier optimizer steps of this PPO step were applied: resume from the checkpoint)" \
+            if during_update else ""
+        raise NonFiniteError(f"step {n}: non-finite {what}. Training stopped before applying it{partly}; {where}.")
 
     def _anneal_lr(self) -> None:
         if not self.config.anneal_lr:
@@ -347,7 +350,8 @@ class PPOTrainer:
                         loss, stats = self._minibatch_loss(roll, order[mb_start:mb_start + cfg.mini_batch_size])
                         if not torch.isfinite(loss):
                             self._stop(f"loss in PPO epoch {epoch + 1}, minibatch {mb_start // cfg.mini_batch_size + 1}"
-                                       f" ({', '.join(f'{k}={float(v):.4g}' for k, v in stats.items() if 'loss' in k)})")
+                                       f" ({', '.join(f'{k}={float(v):.4g}' for k, v in stats.items() if 'loss' in k)})",
+                                       during_update=True)
                         (loss / cfg.gradient_accumulation_steps).backward()
                         for key, value in stats.items():
                             collected[key].append(value)
@@ -355,7 +359,7 @@ class PPOTrainer:
                     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
                     grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
                     if not torch.isfinite(grad_norm):
-                        self._stop(f"gradient norm ({float(grad_norm)}) in PPO epoch {epoch + 1}")
+                        self._stop(f"gradient norm ({float(grad_norm)}) in PPO epoch {epoch + 1}", during_update=True)
                     self.optimizer.step()
                     collected["ppo/grad_norm"].append(grad_norm.detach())
         out = {key: float(torch.stack(values).float().mean()) for key, values in collected.items()}
