@@ -87,6 +87,19 @@ def test_some_projections_without_adapters(model_dirs, targets):
     assert_same(loss_and_grads(model, lambda: dec.loss(ids)), ref, 1e-5, 1e-4)
 
 
+@pytest.mark.parametrize("offload", [False, True], ids=["on-device", "offload"])
+def test_first_layer_without_adapters(model_dirs, offload):
+    """Layer 0 has nothing trainable and its input needs no gradient: it runs without autograd and saves nothing
+    (with offload, nothing is prefetched for it either)."""
+    model = lora_model(model_dirs["llama"], layers_to_transform=[1, 2])
+    ids, mask, labels = batch(padded=True)
+    ref = loss_and_grads(model, lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    assert not any(".layers.0." in name for name in ref[1])
+    dec = FastDecoder(model, offload=offload)
+    assert_same(loss_and_grads(model, lambda: dec.loss(ids, mask, labels)), ref, 1e-5, 1e-4)
+    assert 0 not in dec._offloader.loaded  # no copy of a checkpoint that was never saved (a graph would not join it)
+
+
 def test_hidden_states_without_grad_and_with_adapters_disabled(model_dirs):
     model = lora_model(model_dirs["llama"])
     ids, mask, _ = batch(padded=True)

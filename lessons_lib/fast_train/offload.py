@@ -105,6 +105,6 @@ class Offloader:
         x = self.slots[slot]
         if x.is_cuda:
             torch.cuda.current_stream(x.device).wait_event(self.events[slot])
-        if i > 0:
+        if i > 0 and self.owner[i - 1] == generation:  # layers before the first trainable one saved nothing
             self._prefetch(i - 1)
         return x

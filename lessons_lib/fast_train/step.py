@@ -62,14 +62,18 @@ class TrainStep:
         self._captured: dict = {}
         self._grads: list[torch.Tensor] = []
         self.capture_s = 0.0  # seconds spent warming up and capturing (all shapes)
-        self.grad_norm: torch.Tensor | None = None
+        self.grad_norm: torch.Tensor | None = None  # the last step's gradient norm before clipping (max_grad_norm)
         if self.graphed and example_batch is not None:
             self._get(example_batch)
 
     # ------------------------------------------------------------------ eager pieces (also what gets captured)
     def _update(self):
         if self.max_grad_norm is not None:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+            if self.grad_norm is None:
+                self.grad_norm = norm.detach().clone()
+            else:  # a buffer made before any capture: graph memory would be reused by the next replay
+                self.grad_norm.copy_(norm)
         self.optimizer.step()
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.graphed:
@@ -98,7 +102,10 @@ class TrainStep:
         for p in self.params:
             for k, v in self.optimizer.state.get(p, {}).items():
                 if torch.is_tensor(v):  # state created by the warm-up (Adam: step, exp_avg, exp_avg_sq) starts at 0
-                    v.copy_(state[id(p)][k]) if id(p) in state and k in state[id(p)] else v.zero_()
+                    if id(p) in state and k in state[id(p)]:
+                        v.copy_(state[id(p)][k])
+                    else:
+                        v.zero_()
             p.grad.zero_()
 
     def _make_capturable(self):
@@ -116,6 +123,8 @@ class TrainStep:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self._grads = [p.grad for p in self.params]
+        if self.max_grad_norm is not None and self.grad_norm is None:
+            self.grad_norm = torch.zeros((), dtype=torch.float32, device=self.device)
         self._make_capturable()
         snapshot = self._snapshot()
         main = torch.cuda.current_stream(self.device)
