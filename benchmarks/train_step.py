@@ -92,9 +92,6 @@ def build_stack(name, model_dir, device, dtype, seq_len, gradient_checkpointing)
         fast = name.startswith("fast")  # FastDecoder recomputes layers itself: no transformers checkpointing
         model, _ = load_model(model_dir, max_seq_length=seq_len, dtype=dtype, device=device,
                               gradient_checkpointing=gradient_checkpointing and not fast)
-        if name == "lessons_graph":  # no dropout anywhere: checkpoints need not save and restore the RNG state
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
-                                                                               "preserve_rng_state": False})
         if name == "lessons_kernels":
             from lessons_lib.kernels import patch_model
 

@@ -388,7 +388,9 @@ def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16
         else peft's "all-linear". The base weights stay frozen; each target W gets W + (lora_alpha / r) * B A with
         A (r, in) random and B (out, r) zero, so the model is unchanged until the first update.
     use_gradient_checkpointing: None keeps what load_model chose; True (or Unsloth's "unsloth") turns on
-        non-reentrant checkpointing, False turns it off. random_state: seeds the random init of A.
+        non-reentrant checkpointing, False turns it off. Without dropout anywhere (lora_dropout=0, none in the
+        model), checkpoints skip saving the RNG state, so `lessons_lib.fast_train.compile_train_step` can capture
+        the step in a CUDA graph. random_state: seeds the random init of A.
     Extra keyword arguments go to peft.LoraConfig. A model that already has adapters is returned unchanged.
     """
     from peft import LoraConfig, PeftModel, TaskType
@@ -409,11 +411,14 @@ def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16
                         bias=bias, use_rslora=use_rslora, modules_to_save=modules_to_save,
                         init_lora_weights=init_lora_weights,
                         task_type=TaskType.SEQ_CLS if is_classifier else TaskType.CAUSAL_LM, **kwargs)
-    if use_gradient_checkpointing is not None:
-        if use_gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_disable()
+    if use_gradient_checkpointing is not None and not use_gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    elif use_gradient_checkpointing or _checkpointing(model):
+        # no dropout anywhere: checkpoints need not save and restore the RNG state (one host round trip less per
+        # layer, and a CUDA graph can capture the step: reading the CUDA RNG state is not allowed during capture)
+        deterministic = lora_dropout == 0 and not _has_dropout(model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False, "preserve_rng_state": not deterministic})
     if random_state is not None:
         torch.manual_seed(random_state)
     peft_model = peft_get_peft_model(model, config)
@@ -422,6 +427,19 @@ def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16
     if verbose:
         _print_counts(peft_model)
     return peft_model
+
+
+def _checkpointing(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def _has_dropout(model) -> bool:
+    """Dropout with p > 0 in a module or in the config (attention dropout is applied functionally)."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    values = config.to_dict().items() if config is not None else []
+    return any(("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and v > 0 for k, v in values)
 
 
 def _print_counts(model):

@@ -28,9 +28,10 @@ def model_dirs(tmp_path_factory):
             for i, arch in enumerate(["qwen2", "llama"])}
 
 
-def lora_model(path, load_in_4bit=True, targets=ALL, r=4, device=None, dtype=None, **kw):
+def lora_model(path, load_in_4bit=True, targets=ALL, r=4, device=None, dtype=None, checkpointing=False, **kw):
     """A model with random A *and* B (peft's default B = 0 would leave A's gradient zero: a weak test)."""
-    model, _ = load_model(path, load_in_4bit=load_in_4bit, device=device, dtype=dtype, gradient_checkpointing=False)
+    model, _ = load_model(path, load_in_4bit=load_in_4bit, device=device, dtype=dtype,
+                          gradient_checkpointing=checkpointing)
     peft_model = get_peft_model(model, r=r, target_modules=targets, init_lora_weights=False, verbose=False, **kw)
     return peft_model.train()
 
@@ -299,16 +300,15 @@ def test_cuda_offloader_round_trip_inside_a_graph():
 
 @pytest.mark.cuda
 def test_cuda_graph_of_the_transformers_model(model_dirs):
-    """compile_train_step also captures the transformers + peft model (lessons_lib.load_model, causal_lm_loss,
-    non-reentrant checkpointing without RNG bookkeeping): the graph replays what the eager step computes."""
+    """compile_train_step also captures the transformers + peft model as load_model + get_peft_model prepare it
+    (non-reentrant checkpointing, without RNG bookkeeping since nothing drops out) with causal_lm_loss: the graph
+    replays what the eager step computes."""
     from lessons_lib.loss import causal_lm_loss
 
     results = []
     for graph in (True, False):
         torch.manual_seed(0)
-        model = lora_model(model_dirs["qwen2"], device="cuda", dtype=torch.bfloat16)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
-                                                                           "preserve_rng_state": False})
+        model = lora_model(model_dirs["qwen2"], device="cuda", dtype=torch.bfloat16, checkpointing=True)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-3, capturable=True)
         batches = [batch(B=4, T=64, device="cuda", seed=s)[0] for s in range(3)]

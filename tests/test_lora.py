@@ -215,3 +215,16 @@ def test_unsloth_style_arguments(model_dirs):
         assert peft_model.is_gradient_checkpointing
         weights.append(next(p for n, p in peft_model.named_parameters() if "lora_A" in n).detach().clone())
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
+def test_checkpoints_skip_the_rng_state_only_without_dropout(model_dirs, lora_dropout):
+    """No dropout: recomputation is deterministic, so checkpoints need not save the RNG state (and a CUDA graph can
+    capture them); with dropout they must, or the recomputed masks would differ from the forward's."""
+    model, _ = load_model(model_dirs["qwen2"], gradient_checkpointing=True)
+    model = get_peft_model(model, r=4, lora_dropout=lora_dropout, verbose=False)
+    funcs = [m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+             and hasattr(m, "_gradient_checkpointing_func")]
+    assert funcs
+    assert all(f.keywords["use_reentrant"] is False for f in funcs)
+    assert all(f.keywords["preserve_rng_state"] is (lora_dropout > 0) for f in funcs)
