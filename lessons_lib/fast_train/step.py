@@ -136,6 +136,7 @@ class TrainStep:
         main.wait_stream(side)
         self._restore(snapshot)
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the warm-up's cached blocks: the graph's private pool cannot reuse them
         pool = torch.cuda.graph_pool_handle()
         forward_backward, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(forward_backward, pool=pool):
