@@ -78,6 +78,16 @@ def test_loss_and_every_lora_gradient_equal_transformers(model_dirs, arch, load_
     assert_same(loss_and_grads(model, lambda: dec.loss(ids, mask, labels)), ref, 1e-5, 1e-4)
 
 
+def test_position_ids_of_left_padded_rows(model_dirs):
+    """PPO gives left-padded rows positions that start at their first real token (cumsum of the mask - 1)."""
+    model = lora_model(model_dirs["qwen2"])
+    ids, mask, labels = batch(padded=True)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    ref = loss_and_grads(model, lambda: model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels).loss)
+    dec = FastDecoder(model)
+    assert_same(loss_and_grads(model, lambda: dec.loss(ids, mask, labels, position_ids=pos)), ref, 1e-5, 1e-4)
+
+
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["gate_proj", "down_proj"], ["o_proj", "up_proj"]])
 def test_some_projections_without_adapters(model_dirs, targets):
     """Layers whose attention (or MLP) has nothing trainable take other branches of the backward."""
