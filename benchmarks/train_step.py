@@ -270,8 +270,8 @@ def render(results: list[dict], meta: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['description']} | failed: {r['error'][:120]} |" + " |" * 9)
             continue
-        graph = "" if r["stack"] not in GRAPHED else (" (graph)" if r.get("graphed") else
-                                                       " (no GPU: eager)" if meta.get("quick") else " (capture failed: eager)")
+        graph = ("" if r["stack"] not in GRAPHED else " (graph)" if r.get("graphed") else
+                 " (no GPU: eager)" if meta.get("quick") else " (capture failed: eager)")
         lines.append(
             f"| {r['description']}{graph} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | "
             f"{r.get('reserved_gib', float('nan')):.2f} | {r['load_gib']:.2f} | {r.get('compile_s', 0):.1f} | "
@@ -339,7 +339,8 @@ def main(argv=None):
     meta = dict(command="python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *(argv or sys.argv[1:])]),
                 date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), hardware=hardware(),
                 config="tiny Qwen2 config (--quick, CPU)" if quick else "Qwen2-1.5B config, random weights",
-                batch=args.batch, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, skipped=skipped, quick=quick)
+                batch=args.batch, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, skipped=skipped,
+                quick=quick)
     table = render(results, meta)
     print("\n" + table)
     out = args.out or ROOT / "benchmarks" / "results" / ("train_step_quick" if quick else "train_step")

@@ -125,7 +125,8 @@ def run_ops(out: Path) -> int:
              f"- 28 layers, B={OPS_BATCH}, T={OPS_SEQ}, fp32, NF4 + LoRA r=16 on q, k, v, o, AdamW; one step "
              "counted with a TorchDispatchMode (views and allocations excluded); CPU time = median process time of "
              "5 steps on one thread (the machine is shared: noisy)", "",
-             "| stack | operators / step | of which bitsandbytes | vs transformers + peft | CPU ms / step (1 thread) | loss |",
+             "| stack | operators / step | of which bitsandbytes | vs transformers + peft | "
+             "CPU ms / step (1 thread) | loss |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['description']} | {r['ops']:,} | {r['bnb_ops']:,} | {r['ops'] / base['ops']:.2f}x | "

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_train_step_benchmark_quick(tmp_path):
     out = tmp_path / "train_step"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quick", "--stacks", "hf_peft,lessons,fast_graph_offload",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quick",
+           "--stacks", "hf_peft,lessons,fast_graph_offload",
            "--steps", "2", "--warmup", "1", "--model-dir", str(tmp_path / "model"), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

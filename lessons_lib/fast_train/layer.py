@@ -51,7 +51,8 @@ class Layer:
         self.gate_up = Proj([part(mlp.gate_proj, "mlp.gate_proj"), part(mlp.up_proj, "mlp.up_proj")])
         self.down = Proj([part(mlp.down_proj, "mlp.down_proj")])
         self.ln1, self.eps1 = hf_layer.input_layernorm.weight, hf_layer.input_layernorm.variance_epsilon
-        self.ln2, self.eps2 = hf_layer.post_attention_layernorm.weight, hf_layer.post_attention_layernorm.variance_epsilon
+        post = hf_layer.post_attention_layernorm
+        self.ln2, self.eps2 = post.weight, post.variance_epsilon
         self.scaling = attn.scaling
         self.window = getattr(attn, "sliding_window", None)
 
