@@ -12,6 +12,8 @@ export HF_HUB_OFFLINE      ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MPLBACKEND ?= Agg
+# The tiny world's models are fastest on one thread, and two pytest workers share a 2-core CI box.
+export OMP_NUM_THREADS ?= 1
 ifeq ($(HAS_GPU),)
 export TRITON_INTERPRET ?= 1
 endif
@@ -21,13 +23,14 @@ JOBS     ?= 2
 NB_TIMEOUT ?= 900
 PYTEST   := $(PY) -m pytest
 
-.PHONY: lab test test-unit test-notebooks install tiny-world student clean help
+.PHONY: lab test test-unit test-notebooks test-browser install tiny-world student clean help
 
 help:
 	@echo "make lab          open the curriculum in JupyterLab (HEADLESS=1: no browser, print the URL)"
 	@echo "make test         unit tests + every notebook executed with nbmake"
 	@echo "make tiny-world   rebuild the tiny offline world (data, tokenizer, models) into data/"
 	@echo "make student      write student copies of the notebooks (solutions removed) into student/"
+	@echo "make test-browser opt-in: JupyterLab in headless Chromium, lesson 04's PPO stepper clicked (screenshot)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,15 +41,22 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(HEADLESS),--no-browser --ip=127.0.0.1,) $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(HEADLESS),--no-browser --ip=127.0.0.1,) \
+		$(if $(filter 0,$(shell id -u)),--allow-root,) $(LAB_ARGS)
 
 test: test-unit test-notebooks
 
 test-unit: $(STAMP)
-	$(PYTEST) tests -q -n $(JOBS) $(PYTEST_ARGS)
+	$(PYTEST) tests -q -n $(JOBS) -m "not browser" $(PYTEST_ARGS)
 
 test-notebooks: $(STAMP)
 	$(PYTEST) -q -n $(JOBS) --nbmake --nbmake-kernel=python3 --nbmake-timeout=$(NB_TIMEOUT) notebooks $(PYTEST_ARGS)
+
+test-browser: $(STAMP)
+	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get install -y -q chromium; } \
+		|| { echo "test-browser needs Debian's chromium: sudo apt-get install chromium"; exit 1; }
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,browser]"
+	$(PYTEST) tests/test_browser.py -q -m browser $(PYTEST_ARGS)
 
 tiny-world: $(STAMP)
 	$(PY) -m lessons_lib.tiny build --force

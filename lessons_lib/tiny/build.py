@@ -85,7 +85,7 @@ def build_all(force: bool = False) -> dict[str, float]:
         build_data(tiny_dir())
     data_file("sft")
     times["data + tokenizer"] = time.perf_counter() - t
-    for name in ("tiny-qwen2-sft", "tiny-qwen2-reward"):
+    for name in ("tiny-qwen2-sft", "tiny-qwen2-reward", "tiny-qwen2-ppo"):  # in dependency order
         t = time.perf_counter()
         if force or not is_built(tiny_dir() / name):
             build_model(name)
