@@ -40,7 +40,9 @@ stage() {  # stage NAME GPU
   case $name in
     env)        nvidia-smi; python3 -c "import torch,transformers,peft,triton; print(torch.__version__, transformers.__version__, peft.__version__, triton.__version__)"; python3 -m lessons_lib ;;
     cuda-tests) CUDA_VISIBLE_DEVICES=$gpu python3 -m pytest -q -m cuda tests -p no:cacheprovider --continue-on-collection-errors -rs ;;
-    kernels)    CUDA_VISIBLE_DEVICES=$gpu python3 kernels/bench_all.py ;;
+    kernels)    CUDA_VISIBLE_DEVICES=$gpu python3 kernels/bench_all.py
+                CUDA_VISIBLE_DEVICES=$gpu python3 kernels/launch_overhead.py --calls 300 --repeats 5 \
+                  --out kernels/results/launch_overhead_gpu_host.md ;;
     train)      CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/train_step.py ;;
     rollout)    CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/rollout.py ;;
     reward)     CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/reward_model_gpu.py ;;
@@ -54,14 +56,21 @@ stage() {  # stage NAME GPU
   echo "=== [$name] done in $((SECONDS - t0)) s (rc $rc)"; tail -n 25 "$W/logs/$name.log"
 }
 
+# Stages whose numbers depend on the host CPU being quiet (launch-bound training steps), or that need every GPU,
+# run after the parallel lanes, one at a time.
+ALONE=" train scaling "
+parallel=() serial=()
+for s in $STAGES; do if [[ "$ALONE" == *" $s "* ]]; then serial+=("$s"); else parallel+=("$s"); fi; done
 if [ "$NGPU" -ge 2 ]; then
   lane0=() lane1=(); i=0
-  for s in $STAGES; do if [ $((i % 2)) -eq 0 ]; then lane0+=("$s"); else lane1+=("$s"); fi; i=$((i + 1)); done
+  for s in "${parallel[@]}"; do if [ $((i % 2)) -eq 0 ]; then lane0+=("$s"); else lane1+=("$s"); fi; i=$((i + 1)); done
   ( for s in "${lane0[@]}"; do stage "$s" 0; done ) > "$W/logs/lane0.txt" 2>&1 &
   ( for s in "${lane1[@]}"; do stage "$s" 1; done ) > "$W/logs/lane1.txt" 2>&1 &
-  wait; cat "$W/logs/lane0.txt" "$W/logs/lane1.txt"
+  wait
 else
-  for s in $STAGES; do stage "$s" 0; done > "$W/logs/lane0.txt" 2>&1; cat "$W/logs/lane0.txt"
+  for s in "${parallel[@]}"; do stage "$s" 0; done > "$W/logs/lane0.txt" 2>&1
 fi
+for s in "${serial[@]}"; do stage "$s" 0; done > "$W/logs/lane_serial.txt" 2>&1
+cat "$W"/logs/lane*.txt
 touch "$W/done"
 tar czf "$OUT/results.tgz" -C "$W" . 2>/dev/null; ls -la "$OUT"
