@@ -21,8 +21,6 @@ makes an fp32 copy (2.3 GiB), a divided copy (2.3 GiB) and the fp32 log-softmax 
 per row. The memory, not the time, is what limits the batch size of a PPO update.
 """
 
-import argparse
-import inspect
 import os
 import sys
 
@@ -168,24 +166,7 @@ def forward_share(rows, N, V, copy_gbps, e=2):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--quick", action="store_true", help="(one shape already)")
-    parser.add_argument("--source", action="store_true", help="print the kernels' source and exit")
-    args = parser.parse_args()
-    if args.source:
-        print(inspect.getsource(sys.modules["lessons_lib.kernels.logprobs"]))
-        return
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with bench.no_autotune():  # the checks' many small shapes would each autotune (compile every config)
-        check(device)
-    if device == "cpu":
-        print("timing skipped: no GPU here (the interpreter runs kernels in Python; its speed says nothing)")
-        return
-    copy_gbps = bench.copy_bandwidth()
-    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
-    rows, notes = benchmark(copy_gbps, args.quick)
-    print(bench.table(rows, copy_gbps))
-    print("wrote", bench.write_results(KERNEL, rows, copy_gbps, FORMULA, notes))
+    bench.script_main(__doc__, KERNEL, "lessons_lib.kernels.logprobs", check, benchmark, FORMULA)
 
 
 if __name__ == "__main__":

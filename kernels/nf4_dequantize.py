@@ -17,8 +17,6 @@ forward and every backward: for Qwen2-1.5B about 1.3 billion weights per pass. D
 per weight and writes two: it is bound by the writes.
 """
 
-import argparse
-import inspect
 import os
 import sys
 
@@ -111,24 +109,7 @@ def benchmark(copy_gbps, quick=False):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--quick", action="store_true", help="one shape only")
-    parser.add_argument("--source", action="store_true", help="print the kernel's source and exit")
-    args = parser.parse_args()
-    if args.source:
-        print(inspect.getsource(sys.modules["lessons_lib.kernels.dequant"]))
-        return
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with bench.no_autotune():  # the checks' many small shapes would each autotune (compile every config)
-        check(device)
-    if device == "cpu":
-        print("timing skipped: no GPU here (the interpreter runs kernels in Python; its speed says nothing)")
-        return
-    copy_gbps = bench.copy_bandwidth()
-    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
-    rows = benchmark(copy_gbps, args.quick)
-    print(bench.table(rows, copy_gbps))
-    print("wrote", bench.write_results(KERNEL, rows, copy_gbps, FORMULA))
+    bench.script_main(__doc__, KERNEL, "lessons_lib.kernels.dequant", check, benchmark, FORMULA)
 
 
 if __name__ == "__main__":

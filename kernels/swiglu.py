@@ -16,8 +16,6 @@ elementwise ops over (B*T, 8960) activations in Qwen2-1.5B: the largest activati
 memory traffic outside the matmuls (and the logits).
 """
 
-import argparse
-import inspect
 import os
 import sys
 
@@ -106,24 +104,7 @@ def benchmark(copy_gbps, quick=False):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--quick", action="store_true", help="one shape only")
-    parser.add_argument("--source", action="store_true", help="print the kernels' source and exit")
-    args = parser.parse_args()
-    if args.source:
-        print(inspect.getsource(sys.modules["lessons_lib.kernels.swiglu"]))
-        return
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with bench.no_autotune():  # the checks' many small shapes would each autotune (compile every config)
-        check(device)
-    if device == "cpu":
-        print("timing skipped: no GPU here (the interpreter runs kernels in Python; its speed says nothing)")
-        return
-    copy_gbps = bench.copy_bandwidth()
-    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
-    rows = benchmark(copy_gbps, args.quick)
-    print(bench.table(rows, copy_gbps))
-    print("wrote", bench.write_results(KERNEL, rows, copy_gbps, FORMULA))
+    bench.script_main(__doc__, KERNEL, "lessons_lib.kernels.swiglu", check, benchmark, FORMULA)
 
 
 if __name__ == "__main__":

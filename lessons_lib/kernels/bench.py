@@ -299,3 +299,33 @@ def write_results(kernel: str, rows: list, copy_gbps: float | None, formula: str
         {"kernel": kernel, "command": command, "date": date, "hardware": info, "copy_gbps": copy_gbps,
          "formula": formula, "rows": [asdict(r) for r in rows]}, indent=1))
     return path
+
+
+def script_main(doc: str, kernel: str, source_module: str, check, benchmark, formula: str) -> None:
+    """The command line every `kernels/<kernel>.py` script shares: check (always), then time (GPU only).
+
+    `benchmark(copy_gbps, quick)` returns the rows, or (rows, notes) when the results need a note.
+    """
+    import argparse
+    import importlib
+    import inspect
+
+    parser = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one shape only")
+    parser.add_argument("--source", action="store_true", help="print the kernels' source and exit")
+    args = parser.parse_args()
+    if args.source:
+        print(inspect.getsource(importlib.import_module(source_module)))
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with no_autotune():  # the checks' many small shapes would each autotune (compile every config)
+        check(device)
+    if device == "cpu":
+        print("timing skipped: no GPU here (the interpreter runs kernels in Python; its speed says nothing)")
+        return
+    copy_gbps = copy_bandwidth()
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
+    result = benchmark(copy_gbps, args.quick)
+    rows, notes = result if isinstance(result, tuple) else (result, None)
+    print(table(rows, copy_gbps))
+    print("wrote", write_results(kernel, rows, copy_gbps, formula, notes or ""))
