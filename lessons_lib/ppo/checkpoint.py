@@ -9,7 +9,10 @@ A checkpoint folder holds:
     config.json          the PPOConfig, readable
 
 It is written to a temporary folder and renamed into place, so an interrupted save never damages the previous
-checkpoint. On CPU a run resumed with `PPOTrainer.from_checkpoint` reproduces the uninterrupted run's stats exactly
+checkpoint. With several processes (docs/SCALING.md) every process calls `save_checkpoint`: the main process
+writes, with every process's RNG state in `state.pt`; a run resumed with the same number of processes continues
+exactly, and any other number resumes the same training (ranks without a saved RNG state get fresh seeds).
+On CPU a run resumed with `PPOTrainer.from_checkpoint` reproduces the uninterrupted run's stats exactly
 (tests/test_ppo_checkpoint.py checks this).
 """
 
@@ -46,8 +49,17 @@ def _set_rng_state(trainer, state: dict) -> None:
 
 
 def save_checkpoint(trainer, directory) -> str:
-    """Write `trainer`'s full training state to `directory` (replaced atomically); returns the folder path."""
+    """Write `trainer`'s full training state to `directory` (replaced atomically); returns the folder path.
+
+    With several processes, call it on every process (it gathers their RNG states); only the main process writes.
+    """
     directory = Path(directory)
+    dist = getattr(trainer, "dist", None)
+    rng_by_rank = [_rng_state(trainer)] if dist is None else dist.gather_objects(_rng_state(trainer))
+    if dist is not None and not dist.is_main_process:
+        dist.barrier()                           # the main process writes; wait until the folder is complete
+        trainer.last_checkpoint, trainer.current_step_saved = str(directory), trainer.current_step
+        return str(directory)
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -57,7 +69,7 @@ def save_checkpoint(trainer, directory) -> str:
     torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
     state = {"step": trainer.current_step, "kl_ctl": trainer.kl_ctl.state_dict(),
              "score_moments": trainer.score_moments.state_dict(), "sampling_temperature": trainer.sampling_temperature,
-             "peft": trainer.is_peft, "rng": _rng_state(trainer),
+             "peft": trainer.is_peft, "rng": rng_by_rank[0], "rng_by_rank": rng_by_rank,
              "sampler": trainer.dataloader.sampler.state_dict() if trainer.dataloader is not None else None}
     torch.save(state, tmp / "state.pt")
     (tmp / "config.json").write_text(json.dumps(trainer.config.to_dict(), indent=2) + "\n")
@@ -69,6 +81,8 @@ def save_checkpoint(trainer, directory) -> str:
     else:
         tmp.rename(directory)
     trainer.last_checkpoint, trainer.current_step_saved = str(directory), trainer.current_step
+    if dist is not None:
+        dist.barrier()
     return str(directory)
 
 
@@ -105,7 +119,13 @@ def load_checkpoint(cls, directory, model, tokenizer, dataset=None, reward_model
     trainer.last_checkpoint = str(directory)
     if state["sampler"] is not None and trainer.dataloader is not None:
         trainer.dataloader.sampler.load_state_dict(state["sampler"])
-    _set_rng_state(trainer, state["rng"])
+    rank = trainer.dist.rank if getattr(trainer, "dist", None) is not None else 0
+    saved = state.get("rng_by_rank") or [state["rng"]]
+    _set_rng_state(trainer, saved[min(rank, len(saved) - 1)])
+    if rank >= len(saved):   # more processes than saved: fresh sampling seeds for the new ranks (docs/SCALING.md)
+        from .distributed import sampling_seed
+
+        torch.manual_seed(sampling_seed(trainer.config.seed + trainer.current_step, rank))
     return trainer
 
 

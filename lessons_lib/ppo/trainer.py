@@ -31,6 +31,7 @@ from lessons_lib.data import left_pad
 from .config import PPOConfig
 from .core import (AdaptiveKLController, FixedKLController, RunningMoments, compute_gae, compute_rewards,
                    masked_whiten, policy_loss, value_loss)
+from .distributed import init_distributed, sampling_seed
 from .rollout import (Rollout, ValueHead, critic_forward, disable_dropout, fix_bnb_cpu_repacking, pad_right,
                       policy_forward, reference_context, sample_responses, sampling_kwargs, truncate_after_eos)
 from .sampler import DifficultySampler, PromptLoader, prepare_prompts
@@ -56,7 +57,13 @@ class PPOTrainer:
             warnings.warn("PPOTrainer: the pad token is the EOS token. Rollouts stay correct here (masks come from the "
                           "first EOS, not from padding), but a model trained with pad = EOS often learns to never "
                           "stop [N+]: give the tokenizer its own pad token", stacklevel=2)
-        torch.manual_seed(config.seed)
+        # several processes (accelerate launch / torchrun): docs/SCALING.md; None with one process
+        self.dist = init_distributed()
+        if self.dist is not None:
+            self.dist.check_config(config)
+            if not self.dist.is_main_process:      # one progress bar and one log line: the main process's
+                config = self.config = config.replace(progress=False, log_every=0)
+        torch.manual_seed(config.seed if self.dist is None else sampling_seed(config.seed, self.dist.rank))
         self.model, self.tokenizer = model, tokenizer
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.device = next(model.parameters()).device
@@ -75,6 +82,10 @@ class PPOTrainer:
             p for p in value.parameters() if p.requires_grad]
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("PPOTrainer: the model has no trainable parameters (attach LoRA adapters or unfreeze it)")
+        if self.dist is not None:                  # every process starts from the main process's trainable weights
+            self.dist.check_device(self.device)
+            self.dist.check_same([p for p in model.parameters() if not p.requires_grad], "the frozen weights")
+            self.dist.broadcast_parameters(self._params)
         self.optimizer = optimizer or self._optimizer()
         self.kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
                        if config.adaptive_kl else FixedKLController(config.kl_coef))
@@ -92,8 +103,9 @@ class PPOTrainer:
             dataset = prepare_prompts(dataset, tokenizer, config.max_prompt_length)
             sampler = DifficultySampler(len(dataset), config.batch_size, config.seed, config.difficulty_ema,
                                         config.difficulty_explore)
-            self.dataloader = PromptLoader(dataset, config.batch_size, sampler, config.remove_unused_columns,
-                                           on_batch=self._remember_batch)
+            loader = PromptLoader if self.dist is None else self.dist.prompt_loader   # a process: its slice
+            self.dataloader = loader(dataset, config.batch_size, sampler, config.remove_unused_columns,
+                                     on_batch=self._remember_batch)
 
     # ------------------------------------------------------------------------------------------ construction
     def _reference(self, ref_model):
@@ -115,6 +127,11 @@ class PPOTrainer:
             p.requires_grad_(True)
         disable_dropout(critic)
         return None, critic.train()
+
+    @property
+    def is_main_process(self) -> bool:
+        """True on the process that logs and writes checkpoints (always, with one process)."""
+        return self.dist is None or self.dist.is_main_process
 
     def _optimizer(self):
         from .optim import AdamTFStyle
@@ -214,18 +231,22 @@ class PPOTrainer:
         if rewards is None:
             raise ValueError("step: pass rewards= (or scores=), one per response")
         raw = to_scores(rewards, len(responses), "step(rewards)")
-        if len(queries) != self.config.batch_size or len(responses) != len(queries):
+        size = self.config.batch_size if self.dist is None else self.config.batch_size // self.dist.world_size
+        if len(queries) != size or len(responses) != len(queries):
+            per_process = "" if self.dist is None else f" ({size} per process)"
             raise ValueError(f"step: got {len(queries)} queries and {len(responses)} responses, config.batch_size is "
-                             f"{self.config.batch_size}")
-        if not torch.isfinite(raw).all():
-            bad = torch.nonzero(~torch.isfinite(raw)).flatten().tolist()
-            self._stop(f"reward(s) of response(s) {bad}: {raw[bad].tolist()}")
+                             f"{self.config.batch_size}{per_process}")
+        seen = raw if self.dist is None else self.dist.gather(raw)   # the global batch: every process stops together
+        if not torch.isfinite(seen).all():
+            bad = torch.nonzero(~torch.isfinite(seen)).flatten().tolist()
+            self._stop(f"reward(s) of response(s) {bad} of the global batch: {seen[bad].tolist()}")
         return raw
 
     def finish_step(self, queries, roll: Rollout, raw: torch.Tensor, stats: dict, times: dict | None = None) -> dict:
         """After the update: rollout statistics, the KL controller, the sampler, the step counter, saving, logging."""
         cfg = self.config
-        stats.update(rollout_stats(roll, raw, self.kl_ctl.value, self.last_reward_parts))
+        reduce = rollout_stats if self.dist is None else self.dist.rollout_stats   # of the global batch
+        stats.update(reduce(roll, raw, self.kl_ctl.value, self.last_reward_parts))
         self.kl_ctl.update(stats["objective/kl"], cfg.batch_size)
         self._update_sampler(queries, roll)
         self.last_rollout = roll
@@ -294,7 +315,7 @@ class PPOTrainer:
         """Step 5: optional running normalisation and clipping, then the EOS trick for unfinished responses."""
         cfg, scores = self.config, raw.to(self.device)
         if cfg.score_norm:
-            self.score_moments.update(raw)
+            self.score_moments.update(raw if self.dist is None else self.dist.gather(raw))
             scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-8)
         if cfg.score_clip is not None:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
@@ -307,15 +328,17 @@ class PPOTrainer:
         cfg, mask = self.config, roll.response_mask
         roll.rewards, roll.kl = compute_rewards(roll.scores, roll.logprobs, roll.ref_logprobs, mask,
                                                 self.kl_ctl.value, cfg.kl_estimator)
+        whiten = masked_whiten if self.dist is None else self.dist.masked_whiten   # moments of the global batch
         if cfg.whiten_rewards:
-            roll.rewards = masked_whiten(roll.rewards, mask, shift_mean=False)
+            roll.rewards = whiten(roll.rewards, mask, shift_mean=False)
 
     def advantages(self, roll: Rollout) -> None:
         """Step 8: GAE over the response tokens, then advantage whitening."""
         cfg, mask = self.config, roll.response_mask
         roll.advantages, roll.returns = compute_gae(roll.rewards, roll.values, mask, cfg.gamma, cfg.lam)
+        whiten = masked_whiten if self.dist is None else self.dist.masked_whiten
         if cfg.whiten_advantages:
-            roll.advantages = masked_whiten(roll.advantages, mask)
+            roll.advantages = whiten(roll.advantages, mask)
 
     def _minibatch_loss(self, roll: Rollout, idx: torch.Tensor):
         cfg, mb = self.config, roll.rows(idx)
@@ -337,6 +360,9 @@ class PPOTrainer:
         from tqdm.auto import tqdm
 
         cfg, B = self.config, roll.query_ids.shape[0]
+        mb, bbs, tokens = cfg.mini_batch_size, cfg.backward_batch_size, []
+        if self.dist is not None:             # each process takes its 1/N of every minibatch (docs/SCALING.md)
+            mb, bbs = mb // self.dist.world_size, bbs // self.dist.world_size
         collected = defaultdict(list)
         bar = tqdm(total=cfg.ppo_epochs * cfg.num_mini_batches, desc=f"ppo step {self.current_step + 1}", unit="mb", leave=False,
                    disable=not cfg.progress)
@@ -344,25 +370,36 @@ class PPOTrainer:
         with bar:
             for epoch in range(cfg.ppo_epochs):
                 order = torch.randperm(B, generator=self.shuffle_generator).to(self.device)
-                for start in range(0, B, cfg.backward_batch_size):
+                for start in range(0, B, bbs):
                     self.optimizer.zero_grad(set_to_none=True)
-                    for mb_start in range(start, start + cfg.backward_batch_size, cfg.mini_batch_size):
-                        loss, stats = self._minibatch_loss(roll, order[mb_start:mb_start + cfg.mini_batch_size])
-                        if not torch.isfinite(loss):
-                            self._stop(f"loss in PPO epoch {epoch + 1}, minibatch {mb_start // cfg.mini_batch_size + 1}"
+                    for mb_start in range(start, start + bbs, mb):
+                        idx = order[mb_start:mb_start + mb]
+                        loss, stats = self._minibatch_loss(roll, idx)
+                        finite = bool(torch.isfinite(loss))
+                        if self.dist is not None:     # weight: this process's share of the minibatch's tokens
+                            share, finite = self.dist.token_share(roll.response_mask[idx], finite)
+                            loss = loss * share
+                            tokens.append(float(roll.response_mask[idx].sum()))
+                        if not finite:
+                            self._stop(f"loss in PPO epoch {epoch + 1}, minibatch {mb_start // mb + 1}"
                                        f" ({', '.join(f'{k}={float(v):.4g}' for k, v in stats.items() if 'loss' in k)})",
                                        during_update=True)
                         (loss / cfg.gradient_accumulation_steps).backward()
                         for key, value in stats.items():
                             collected[key].append(value)
                         bar.update(1)
+                    if self.dist is not None:         # sum the weighted gradients before clipping
+                        self.dist.sum_gradients(self._params)
                     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
                     grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
                     if not torch.isfinite(grad_norm):
                         self._stop(f"gradient norm ({float(grad_norm)}) in PPO epoch {epoch + 1}", during_update=True)
                     self.optimizer.step()
                     collected["ppo/grad_norm"].append(grad_norm.detach())
-        out = {key: float(torch.stack(values).float().mean()) for key, values in collected.items()}
+        if self.dist is None:
+            out = {key: float(torch.stack(values).float().mean()) for key, values in collected.items()}
+        else:                                 # token-weighted over the processes: the global minibatches' numbers
+            out = self.dist.reduce_update_stats(collected, tokens)
         out["ppo/learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
         return out
 
@@ -379,6 +416,8 @@ class PPOTrainer:
                 ids.append(info["prompt_id"])
                 rewards.append(float(roll.scores[i]))
                 entropies.append(float(entropy[i]))
+        if self.dist is not None:             # every process folds in the whole global batch: samplers stay equal
+            ids, rewards, entropies = self.dist.gather_sampler_updates(ids, rewards, entropies)
         self.dataloader.sampler.update(ids, rewards, entropies)
 
     log_line = staticmethod(log_line)
