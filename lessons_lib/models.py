@@ -195,8 +195,11 @@ def load_model(model_name, max_seq_length: int = 2048, dtype=None, load_in_4bit:
     import transformers
 
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # device_map wants a concrete GPU
+    if device.type == "cuda" and device.index is None:   # device_map wants a concrete GPU
+        # under a launcher (accelerate launch, torchrun) each process owns the GPU of its LOCAL_RANK
+        local_rank = int(os.environ.get("LOCAL_RANK", -1))
+        index = local_rank if 0 <= local_rank < torch.cuda.device_count() else torch.cuda.current_device()
+        device = torch.device("cuda", index)
     dtype = default_dtype(device) if dtype is None else _as_dtype(dtype)
     name = os.fspath(model_name)
     if gguf_file is None and name.endswith(".gguf") and Path(name).expanduser().is_file():
