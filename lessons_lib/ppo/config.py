@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 KL_ESTIMATORS = ("k1", "k3")
 VALUE_MODELS = ("head", "reward")
 OPTIMIZERS = ("adamw", "adam_tf")
+SWITCHES = ("auto", True, False)
 
 
 @dataclass
@@ -111,6 +112,31 @@ class PPOConfig:
     difficulty_explore: float = 0.25
     """With a difficulty set, this share of each batch is drawn uniformly (unseen prompts keep being tried)."""
 
+    # ------------------------------------------------------------------ speed and memory (docs/PPO.md "Performance")
+    fast_rollout: bool | str = "auto"
+    """Step 1 with `lessons_lib.fast_generate.RolloutEngine` (static KV cache, CUDA-graph decoding) instead of
+    `model.generate`; same sampling law. "auto": on for Qwen2/Llama policies on a GPU (falls back to `generate`, with a
+    warning, for options the engine lacks); True: always (errors instead of falling back); False: `generate`."""
+    rollout_engine: dict | None = None
+    """Keyword arguments for the RolloutEngine (weights="auto"|"dense"|"lean", max_extra_memory, kernels,
+    keep_weights, prompt_bucket, ...; docs/FAST_ROLLOUT.md). None: its defaults."""
+    fast_forward: bool | str = "auto"
+    """Steps 3-4 and 9 through `lessons_lib.fast_train.FastDecoder` (fused 4-bit projections, one autograd node per
+    layer, recomputation in the backward) instead of the transformers model. "auto": on for LoRA Qwen2/Llama
+    policies on a GPU; True: always (errors if the model is not supported); False: the transformers model. Either
+    way the LM head is applied a chunk of positions at a time: no (B, T, V) logits."""
+    cuda_graphs: bool | str = "auto"
+    """Capture each minibatch's forward + backward in a CUDA graph, replayed without per-kernel CPU cost.
+    "auto": on with fast_forward on a GPU; True: on a GPU with any forward; False: eager."""
+    length_bucket: int | None = None
+    """Pad update minibatches to query/response lengths that are multiples of this, so one captured graph serves
+    many steps. None: 32 with CUDA graphs, otherwise each minibatch is trimmed to its own longest row."""
+    forward_batch_size: int | None = None
+    """Responses per no-grad scoring pass (steps 3-4). None: mini_batch_size. No gradients are kept there, so it can
+    be larger than mini_batch_size: fewer, bigger passes."""
+    logprob_chunk_tokens: int | None = None
+    """Response positions whose logits exist at once while log-probs are computed (None: about 2**25 logits)."""
+
     # ------------------------------------------------------------------ bookkeeping
     seed: int = 0
     """Seeds the dataloader order, the minibatch shuffles and (via torch) sampling."""
@@ -156,6 +182,15 @@ class PPOConfig:
                 raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.kl_coef < 0:
             raise ValueError(f"PPOConfig.kl_coef must be >= 0, got {self.kl_coef}")
+        for name in ("fast_rollout", "fast_forward", "cuda_graphs"):
+            if getattr(self, name) not in SWITCHES:
+                raise ValueError(f"PPOConfig.{name} must be 'auto', True or False, got {getattr(self, name)!r}")
+        for name in ("length_bucket", "forward_batch_size", "logprob_chunk_tokens"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise ValueError(f"PPOConfig.{name} must be >= 1 or None, got {getattr(self, name)}")
+        if self.rollout_engine is not None and not isinstance(self.rollout_engine, dict):
+            raise ValueError(f"PPOConfig.rollout_engine must be a dict of RolloutEngine options or None, got "
+                             f"{type(self.rollout_engine).__name__}")
         if self.save_every and not self.checkpoint_dir:
             raise ValueError("PPOConfig.save_every needs checkpoint_dir")
 

@@ -25,11 +25,17 @@ __all__ = [
 ]
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _check_mask(x: torch.Tensor, mask: torch.Tensor, where: str) -> torch.Tensor:
     if x.shape != mask.shape:
         raise ValueError(f"{where}: values have shape {tuple(x.shape)} but mask has shape {tuple(mask.shape)}")
     mask = mask.to(x.dtype)
-    if not bool(mask.sum() > 0):
+    # the check reads the device; while a CUDA graph is being captured that is not allowed (the PPO update checks
+    # its minibatches' masks before capturing: lessons_lib/ppo/graphs.py)
+    if not _capturing() and not bool(mask.sum() > 0):
         raise ValueError(f"{where}: the mask is all zeros, so there is nothing to average over "
                          "(an empty batch, or responses with no real tokens?)")
     return mask

@@ -104,16 +104,51 @@ def sampling_kwargs(generate_kwargs: dict, temperature: float, max_new_tokens: i
     return kwargs
 
 
+ENGINE_MODELS = ("qwen2", "llama")   # what lessons_lib.fastgen implements
+
+
+def rollout_engine_problem(model, setting, generate_kwargs: dict) -> str | None:
+    """Why step 1 should use `model.generate` rather than the RolloutEngine (PPOConfig.fast_rollout); None: use the
+    engine. "auto" wants a GPU and a Qwen2/Llama policy; any setting needs options the engine implements."""
+    if setting is False:
+        return "fast_rollout=False"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if model_type not in ENGINE_MODELS:
+        return f"the engine implements {ENGINE_MODELS}, not model_type {model_type!r}"
+    if setting == "auto" and next(model.parameters()).device.type != "cuda":
+        return "no GPU (fast_rollout='auto' uses the engine on CUDA only)"
+    from lessons_lib.fast_generate import engine_kwargs
+
+    try:
+        engine_kwargs(generate_kwargs)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 @torch.no_grad()
 def sample_responses(model, queries: list[torch.Tensor], kwargs: dict, chunk_size: int,
-                     progress: bool = False) -> list[torch.Tensor]:
-    """Step 1 + 2: left-pad the queries, sample, cut each response after its first EOS. Returns 1-D tensors."""
+                     progress: bool = False, engine=None) -> list[torch.Tensor]:
+    """Step 1 + 2: left-pad the queries, sample, cut each response after its first EOS. Returns 1-D tensors.
+
+    engine: a `lessons_lib.fast_generate.RolloutEngine` over `model` (same sampling law, no launch overhead; it
+    re-reads LoRA weights that changed since its last call), or None for `model.generate`.
+    """
+    eos_id, pad_id = kwargs["eos_token_id"], kwargs["pad_token_id"]
+    responses = []
+    if engine is not None:
+        from lessons_lib.fast_generate import engine_kwargs
+
+        options = engine_kwargs(kwargs)                 # raises, naming them, on options the engine lacks
+        for start in range(0, len(queries), chunk_size):
+            out = engine.generate(queries[start:start + chunk_size], progress=progress, **options)
+            responses += [truncate_after_eos(row, eos_id, pad_id)[0] for row in out.response_ids.cpu()]
+        return responses
     from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
-    eos_id, pad_id = kwargs["eos_token_id"], kwargs["pad_token_id"]
-    responses = []
     was_training = model.training
     model.eval()
     try:

@@ -23,6 +23,7 @@ import math
 import time
 import warnings
 from collections import defaultdict
+from contextlib import nullcontext
 
 import torch
 
@@ -32,8 +33,10 @@ from .config import PPOConfig
 from .core import (AdaptiveKLController, FixedKLController, RunningMoments, compute_gae, compute_rewards,
                    masked_whiten, policy_loss, value_loss)
 from .distributed import init_distributed, sampling_seed
+from .forward import PolicyForward, choose_backend, pad_columns, round_up
+from .graphs import GraphedBackward
 from .rollout import (Rollout, ValueHead, critic_forward, disable_dropout, fix_bnb_cpu_repacking, pad_right,
-                      policy_forward, reference_context, sample_responses, sampling_kwargs, truncate_after_eos)
+                      rollout_engine_problem, sample_responses, sampling_kwargs, truncate_after_eos)
 from .sampler import DifficultySampler, PromptLoader, prepare_prompts
 from .scoring import as_reward_fn, critic_source, rule_fn, to_scores
 from .stats import log_line, rollout_stats
@@ -98,6 +101,7 @@ class PPOTrainer:
         self.last_rollout: Rollout | None = None
         self._queries: dict[tuple, dict] = {}
         self._warned: set = set()
+        self._setup_speed()
         self.dataloader = None
         if dataset is not None:
             dataset = prepare_prompts(dataset, tokenizer, config.max_prompt_length)
@@ -150,6 +154,41 @@ class PPOTrainer:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
 
+    def _setup_speed(self) -> None:
+        """The forward of steps 3-4 and 9 (PPOConfig.fast_forward), CUDA graphs for the update (cuda_graphs); step 1's
+        RolloutEngine is built on first use (fast_rollout). docs/PPO.md "Performance" says what each buys."""
+        cfg = self.config
+        self.forward_backend, self.forward_reason = choose_backend(self.model, cfg.fast_forward, self.device)
+        self.forward = PolicyForward(self.model, self.forward_backend, cfg.logprob_chunk_tokens)
+        self.ref_forward = None if self.ref_model is None else PolicyForward(
+            self.ref_model, choose_backend(self.ref_model, False, self.device)[0], cfg.logprob_chunk_tokens)
+        graphs = cfg.cuda_graphs is True or (cfg.cuda_graphs == "auto" and self.forward_backend == "fast")
+        if graphs and self.device.type != "cuda":
+            if cfg.cuda_graphs is True:
+                raise ValueError(f"PPOConfig.cuda_graphs=True needs the model on a CUDA device, it is on {self.device}")
+            graphs = False
+        # minibatches padded to bucketed lengths, forward + backward replayed from a CUDA graph (eager on a CPU)
+        self._graphed = GraphedBackward(self._graph_loss, self._params, enabled=graphs) \
+            if graphs or cfg.length_bucket else None
+        self._engine = None
+
+    def _rollout_engine(self, gen_kwargs: dict):
+        """Step 1's RolloutEngine (PPOConfig.fast_rollout), built on first use; None means `model.generate`."""
+        setting = self.config.fast_rollout
+        problem = "the engine failed earlier" if self._engine is False else \
+            rollout_engine_problem(self.model, setting, gen_kwargs)
+        if problem is not None:
+            if setting is True:
+                raise ValueError(f"PPOConfig.fast_rollout=True, but the rollout engine cannot be used: {problem}")
+            if setting == "auto" and "does not support" in problem:
+                self._warn_once("engine-kwargs", f"generate: using model.generate for these rollouts: {problem}")
+            return None
+        if self._engine is None:
+            from lessons_lib.fast_generate import RolloutEngine
+
+            self._engine = RolloutEngine(self.model, **(self.config.rollout_engine or {}))
+        return self._engine
+
     # ------------------------------------------------------------------------------------------ step 1: generate
     def generate(self, query_tensor, return_prompt: bool = True, generate_kwargs: dict | None = None,
                  batch_size: int | None = None, **kwargs):
@@ -168,8 +207,17 @@ class PPOTrainer:
                             f"config.temperature {self.config.temperature}; step() will use "
                             f"{self.sampling_temperature}, the one the responses were sampled with")
         gen_kwargs = sampling_kwargs(gen, self.config.temperature, self.config.max_new_tokens, self.eos_id, self.pad_id)
-        responses = sample_responses(self.model, [q.cpu() for q in queries], gen_kwargs, batch_size or len(queries),
-                                     self.config.progress)
+        queries_cpu, chunk = [q.cpu() for q in queries], batch_size or len(queries)
+        engine = self._rollout_engine(gen_kwargs)
+        try:
+            responses = sample_responses(self.model, queries_cpu, gen_kwargs, chunk, self.config.progress, engine)
+        except NotImplementedError as err:    # e.g. an adapter type the engine cannot merge
+            if engine is None or self.config.fast_rollout is True:
+                raise
+            self._engine = False
+            self._warn_once("engine", f"generate: the rollout engine cannot run this model ({err}); using "
+                            "model.generate from now on")
+            responses = sample_responses(self.model, queries_cpu, gen_kwargs, chunk, self.config.progress)
         out = [torch.cat([q.cpu(), r]) for q, r in zip(queries, responses)] if return_prompt else responses
         return out[0] if single else out
 
@@ -291,17 +339,19 @@ class PPOTrainer:
     @torch.no_grad()
     def score_tokens(self, roll: Rollout) -> None:
         """Steps 3-4: log-probs under the policy and the reference, entropy, values; one minibatch at a time."""
-        mb, T = self.config.mini_batch_size, self.sampling_temperature
+        mb, T = self.config.forward_batch_size or self.config.mini_batch_size, self.sampling_temperature
         parts = defaultdict(list)
+        padded = not bool(roll.query_mask.all() and roll.response_mask.all())
+        ref, context = (self.ref_forward, nullcontext) if self.ref_model is not None else \
+            (self.forward, self.model.disable_adapter)     # the reference: adapters off, no second copy
         self.model.eval()
         for start in range(0, roll.query_ids.shape[0], mb):
             rows = (roll.query_ids[start:start + mb], roll.query_mask[start:start + mb],
                     roll.response_ids[start:start + mb], roll.response_mask[start:start + mb])
-            logprobs, entropy, hidden = policy_forward(self.model, *rows, T, with_entropy=True,
-                                                       with_hidden=self.value_head is not None)
-            ref, context = reference_context(self.model, self.ref_model)
-            with context:
-                ref_logprobs = policy_forward(ref, *rows, T)[0]
+            logprobs, entropy, hidden = self.forward(*rows, T, with_entropy=True,
+                                                     with_hidden=self.value_head is not None, padded=padded)
+            with context():
+                ref_logprobs = ref(*rows, T, padded=padded)[0]
             values = self.value_head(hidden) if self.value_head is not None else critic_forward(self.critic, *rows)
             for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("entropy", entropy),
                             ("values", values)):
@@ -341,19 +391,39 @@ class PPOTrainer:
             roll.advantages = whiten(roll.advantages, mask)
 
     def _minibatch_loss(self, roll: Rollout, idx: torch.Tensor):
-        cfg, mb = self.config, roll.rows(idx)
-        rows = (mb["query_ids"], mb["query_mask"], mb["response_ids"], mb["response_mask"])
-        logprobs, _, hidden = policy_forward(self.model, *rows, self.sampling_temperature,
-                                             with_hidden=self.value_head is not None)
-        values = self.value_head(hidden) if self.value_head is not None else critic_forward(self.critic, *rows)
-        mask = mb["response_mask"]
-        pg_loss, pg = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, cfg.cliprange)
-        vf_loss, vf = value_loss(values, mb["values"], mb["returns"], mask, cfg.cliprange_value)
+        """The PPO loss of rollout rows `idx` (padding columns trimmed) and its diagnostics."""
+        return self._loss(**roll.rows(idx))
+
+    def _loss(self, query_ids, query_mask, response_ids, response_mask, logprobs, values, advantages, returns,
+              temperature: float | None = None, padded: bool = True):
+        """Clipped policy loss + vf_coef * clipped value loss of one minibatch (old log-probs and values in)."""
+        cfg, rows = self.config, (query_ids, query_mask, response_ids, response_mask)
+        new_logprobs, _, hidden = self.forward(*rows, temperature or self.sampling_temperature,
+                                               with_hidden=self.value_head is not None, padded=padded)
+        new_values = self.value_head(hidden) if self.value_head is not None else critic_forward(self.critic, *rows)
+        pg_loss, pg = policy_loss(new_logprobs, logprobs, advantages, response_mask, cfg.cliprange)
+        vf_loss, vf = value_loss(new_values, values, returns, response_mask, cfg.cliprange_value)
         loss = pg_loss + cfg.vf_coef * vf_loss
         stats = {"ppo/loss/policy": pg_loss.detach(), "ppo/loss/value": vf_loss.detach(), "ppo/loss/total": loss.detach(),
                  "ppo/policy/approxkl": pg["approxkl"], "ppo/policy/clipfrac": pg["clipfrac"],
                  "ppo/policy/ratio": pg["ratio"], "ppo/val/clipfrac": vf["clipfrac"], "ppo/val/error": vf["error"]}
         return loss, stats
+
+    def _graph_loss(self, temperature: float, padded: bool, **minibatch):
+        """What `GraphedBackward` runs and differentiates: the minibatch loss / gradient_accumulation_steps."""
+        loss, stats = self._loss(**minibatch, temperature=temperature, padded=padded)
+        return loss / self.config.gradient_accumulation_steps, stats
+
+    def _static_rows(self, roll: Rollout) -> tuple[dict, bool]:
+        """The rollout's tensors widened to lengths rounded up to `length_bucket` (32 by default), so that every
+        minibatch of this step, and of later steps with lengths in the same buckets, has one shape; and whether
+        there is any padding (if not, attention runs without a mask)."""
+        bucket = self.config.length_bucket or 32
+        names = ("query_ids", "query_mask", "response_ids", "response_mask", "logprobs", "values", "advantages",
+                 "returns")
+        static = pad_columns({n: getattr(roll, n) for n in names}, round_up(roll.query_ids.shape[1], bucket),
+                             round_up(roll.response_ids.shape[1], bucket), self.pad_id)
+        return static, not bool(static["query_mask"].all() and static["response_mask"].all())
 
     def update(self, roll: Rollout) -> dict:
         """Step 9: `ppo_epochs` passes in random order; `gradient_accumulation_steps` minibatches per optimizer step."""
@@ -366,15 +436,20 @@ class PPOTrainer:
         collected = defaultdict(list)
         bar = tqdm(total=cfg.ppo_epochs * cfg.num_mini_batches, desc=f"ppo step {self.current_step + 1}", unit="mb", leave=False,
                    disable=not cfg.progress)
+        static, padded = self._static_rows(roll) if self._graphed is not None and self.dist is None else (None, True)
         self.model.train()
         with bar:
             for epoch in range(cfg.ppo_epochs):
                 order = torch.randperm(B, generator=self.shuffle_generator).to(self.device)
                 for start in range(0, B, bbs):
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.optimizer.zero_grad(set_to_none=static is None)   # graphs keep writing into the same .grad
                     for mb_start in range(start, start + bbs, mb):
                         idx = order[mb_start:mb_start + mb]
-                        loss, stats = self._minibatch_loss(roll, idx)
+                        if static is not None:        # forward + backward: one CUDA graph replay (graphs.py)
+                            loss, stats = self._graphed({k: v[idx] for k, v in static.items()},
+                                                        temperature=self.sampling_temperature, padded=padded)
+                        else:
+                            loss, stats = self._minibatch_loss(roll, idx)
                         finite = bool(torch.isfinite(loss))
                         if self.dist is not None:     # weight: this process's share of the minibatch's tokens
                             share, finite = self.dist.token_share(roll.response_mask[idx], finite)
@@ -384,7 +459,8 @@ class PPOTrainer:
                             self._stop(f"loss in PPO epoch {epoch + 1}, minibatch {mb_start // mb + 1}"
                                        f" ({', '.join(f'{k}={float(v):.4g}' for k, v in stats.items() if 'loss' in k)})",
                                        during_update=True)
-                        (loss / cfg.gradient_accumulation_steps).backward()
+                        if static is None:
+                            (loss / cfg.gradient_accumulation_steps).backward()
                         for key, value in stats.items():
                             collected[key].append(value)
                         bar.update(1)

@@ -1,0 +1,103 @@
+"""A minibatch's forward + backward as one CUDA graph replay (PPO step 9 on a GPU; docs/PPO.md "Performance").
+
+A PPO minibatch of a few short responses is launch-bound: a LoRA forward + backward of a 1.5B model is ~10,000
+small kernels, and eager PyTorch spends 5-30 us of CPU on each, far more than the GPU needs. A CUDA graph records
+the kernels once and replays them with one call. `GraphedBackward` captures `loss_fn(**batch)` and its backward per
+batch shape; the gradients accumulate into the parameters' `.grad` tensors, which therefore stay the same tensors
+(zero them in place). The optimizer step stays outside, eager: the trainer checks the gradient norm for NaN before
+applying it, and hooks (gradient all-reduce) run as usual.
+
+What capture needs (PyTorch's "whole network capture" recipe, as `lessons_lib.fast_train.step` applies it):
+static input tensors (copied into before each replay), no host synchronisation inside the step, lazy
+initialisations (cuBLAS handles, Triton autotuning) done by eager warm-up runs on a side stream first; here the
+warm-up's gradients are then put back as they were, so capturing changes nothing.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+class _Graph:
+    def __init__(self, graph, static, loss, stats):
+        self.graph, self.static, self.loss, self.stats = graph, static, loss, stats
+
+
+class GraphedBackward:
+    """`step(batch, **static) -> (loss, stats)`: runs `loss_fn(**batch, **static)` and `loss.backward()`.
+
+    batch: tensors (their shapes and dtypes, with the `static` keyword values, key the captured graphs);
+    loss_fn returns (loss, dict of tensors). With `enabled=False` (or on a CPU) it runs eagerly, the same way.
+    A capture that fails warns once and leaves every later call eager.
+    """
+
+    def __init__(self, loss_fn, params: list[torch.Tensor], enabled: bool = True, warmup: int = 2):
+        self.loss_fn = loss_fn
+        self.params = [p for p in params if p.requires_grad]
+        self.enabled = enabled and bool(self.params) and self.params[0].is_cuda
+        self.warmup = max(1, warmup)
+        self.graphs: dict = {}
+        self.captures = 0          # how many graphs were captured (for tests and the benchmark)
+        self._grads: list[torch.Tensor] | None = None
+
+    def _eager(self, batch: dict, static: dict):
+        loss, stats = self.loss_fn(**batch, **static)
+        loss.backward()
+        return loss.detach(), {k: v.detach() for k, v in stats.items()}
+
+    def _bind_grads(self):
+        """Every parameter's .grad is the tensor the graphs write into (a zero_grad(set_to_none) is undone)."""
+        if self._grads is None:
+            self._grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        for p, g in zip(self.params, self._grads):
+            if p.grad is not g:
+                if p.grad is None:
+                    g.zero_()
+                else:
+                    g.copy_(p.grad)
+                p.grad = g
+
+    def _capture(self, batch: dict, static: dict) -> _Graph:
+        inputs = {k: v.detach().clone() for k, v in batch.items()}
+        saved = [g.clone() for g in self._grads]
+        main = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(main)
+        try:
+            with torch.cuda.stream(side):          # lazy initialisations must not happen inside the capture
+                for _ in range(self.warmup):
+                    self._eager(inputs, static)
+            main.wait_stream(side)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()               # the warm-up's cached blocks: the graph's own pool cannot use them
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
+                loss, stats = self.loss_fn(**inputs, **static)
+                loss.backward()
+            torch.cuda.synchronize()
+        finally:
+            for g, s in zip(self._grads, saved):   # warm-up (and capture) must not change the gradients
+                g.copy_(s)
+        self.captures += 1
+        return _Graph(graph, inputs, loss.detach(), {k: v.detach() for k, v in stats.items()})
+
+    def __call__(self, batch: dict, **static):
+        if not self.enabled:
+            return self._eager(batch, static)
+        self._bind_grads()
+        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items())), tuple(sorted(static.items())))
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self.graphs[key] = self._capture(batch, static)
+            except Exception as err:  # a run should not die because one op could not be captured
+                self.enabled = False
+                warnings.warn(f"PPO update: CUDA graph capture failed ({type(err).__name__}: {err}); running the "
+                              "minibatch forward + backward eagerly from now on", stacklevel=3)
+                return self._eager(batch, static)
+        for name, value in batch.items():
+            entry.static[name].copy_(value, non_blocking=True)
+        entry.graph.replay()
+        return entry.loss.clone(), {k: v.clone() for k, v in entry.stats.items()}
