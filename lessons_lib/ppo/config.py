@@ -132,8 +132,8 @@ class PPOConfig:
     """Pad update minibatches to query/response lengths that are multiples of this, so one captured graph serves
     many steps. None: 32 with CUDA graphs, otherwise each minibatch is trimmed to its own longest row."""
     forward_batch_size: int | None = None
-    """Responses per no-grad scoring pass (steps 3-4). None: mini_batch_size. No gradients are kept there, so it can
-    be larger than mini_batch_size: fewer, bigger passes."""
+    """Responses per no-grad scoring pass (steps 3-4). None: mini_batch_size, at least 32. No activations are kept
+    for a backward there, so it can be larger than mini_batch_size: fewer, bigger passes."""
     logprob_chunk_tokens: int | None = None
     """Response positions whose logits exist at once while log-probs are computed (None: about 2**25 logits)."""
 

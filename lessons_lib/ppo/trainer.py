@@ -186,8 +186,16 @@ class PPOTrainer:
         if self._engine is None:
             from lessons_lib.fast_generate import RolloutEngine
 
-            self._engine = RolloutEngine(self.model, **(self.config.rollout_engine or {}))
+            options = {**self._engine_defaults(), **(self.config.rollout_engine or {})}
+            self._engine = RolloutEngine(self.model, **options)
         return self._engine
+
+    def _engine_defaults(self) -> dict:
+        """On a GPU with Triton: the engine's RMSNorm and RoPE as lessons_lib kernels (one kernel each; measured
+        faster in benchmarks/results/rollout.md). PPOConfig.rollout_engine overrides."""
+        from lessons_lib.kernels._common import HAS_TRITON
+
+        return {"kernels": "triton"} if self.device.type == "cuda" and HAS_TRITON else {}
 
     # ------------------------------------------------------------------------------------------ step 1: generate
     def generate(self, query_tensor, return_prompt: bool = True, generate_kwargs: dict | None = None,
@@ -339,7 +347,7 @@ class PPOTrainer:
     @torch.no_grad()
     def score_tokens(self, roll: Rollout) -> None:
         """Steps 3-4: log-probs under the policy and the reference, entropy, values; one minibatch at a time."""
-        mb, T = self.config.forward_batch_size or self.config.mini_batch_size, self.sampling_temperature
+        mb, T = self.config.forward_batch_size or max(self.config.mini_batch_size, 32), self.sampling_temperature
         parts = defaultdict(list)
         padded = not bool(roll.query_mask.all() and roll.response_mask.all())
         ref, context = (self.ref_forward, nullcontext) if self.ref_model is not None else \
