@@ -144,7 +144,7 @@ class DistributedContext:
     @torch.no_grad()
     def check_same(self, tensors, what: str) -> None:
         """Raise unless `tensors` hold the same values on every process (compared through a checksum per tensor)."""
-        sums = torch.stack([t.detach().double().sum() * (i % 7 + 1) for i, t in enumerate(tensors)]).to(self.device)
+        sums = torch.stack([t.detach().sum(dtype=torch.float64).cpu() * (i % 7 + 1) for i, t in enumerate(tensors)])
         everyone = self.gather(sums.flatten()).view(self.world_size, -1)                  # (N, tensors)
         differ = [r for r in range(self.world_size) if not torch.equal(everyone[r], everyone[0])]
         if differ:
