@@ -70,8 +70,10 @@ def triton_mode(torch, triton) -> str:
 
 
 def attention_impl(torch, flash_attn) -> str:
+    """What `load_model` will ask transformers for (models.default_attention): FlashAttention-2 on a GPU in 16-bit
+    when `flash_attn` is installed, else torch's scaled_dot_product_attention."""
     if torch is not None and torch.cuda.is_available() and flash_attn is not None:
-        return "flash_attention_2"
+        return "flash_attention_2 (flash_attn installed; load_model requests it on the GPU in 16-bit)"
     return "sdpa (torch scaled_dot_product_attention)"
 
 

@@ -60,6 +60,19 @@ def default_dtype(device=None) -> torch.dtype:
     return torch.float32
 
 
+def default_attention(device=None, dtype=None) -> str | None:
+    """The attention load_model asks for when none is given: FlashAttention-2 on a CUDA device in 16-bit (`dtype`
+    None = the default dtype there) when the `flash_attn` package is installed, otherwise None (transformers then
+    picks torch's `sdpa`). The health check reports the same choice."""
+    import importlib.util
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = default_dtype(device) if dtype is None else dtype
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return None
+
+
 def _as_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -218,6 +231,7 @@ def load_model(model_name, max_seq_length: int = 2048, dtype=None, load_in_4bit:
     kwargs = dict(dtype=dtype, device_map={"": device}, local_files_only=local_only, trust_remote_code=trust_remote_code)
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
+    attn_implementation = attn_implementation or default_attention(device, dtype)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
