@@ -144,6 +144,11 @@ class DistributedContext:
     @torch.no_grad()
     def check_same(self, tensors, what: str) -> None:
         """Raise unless `tensors` hold the same values on every process (compared through a checksum per tensor)."""
+        tensors = list(tensors)
+        if any(type(t).__name__ == "DTensor" for t in tensors):
+            raise NotImplementedError("PPOTrainer replicates the model on every process (data parallel); a model "
+                                      "sharded with FSDP/ZeRO-3 is not supported: see docs/SCALING.md, "
+                                      "'Larger than one GPU'")
         sums = torch.stack([t.detach().sum(dtype=torch.float64).cpu() * (i % 7 + 1) for i, t in enumerate(tensors)])
         everyone = self.gather(sums.flatten()).view(self.world_size, -1)                  # (N, tensors)
         differ = [r for r in range(self.world_size) if not torch.equal(everyone[r], everyone[0])]
