@@ -13,6 +13,7 @@ fp32 on CPU: tolerances are rounding-level. The CUDA tests (`-m cuda`) run on th
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -252,6 +253,33 @@ def test_bucketed_update_stops_before_a_non_finite_update(tok):
         trainer.step(queries=queries, responses=responses, rewards=rewards)
     after = trainable(trainer)
     assert all(torch.equal(after[n], before[n]) or torch.isnan(before[n]).all() for n in before)
+
+
+@pytest.mark.parametrize("failure", ["raises", "wrong numbers"])
+def test_a_failing_fast_forward_falls_back_to_transformers(tok, failure):
+    """fast_forward="auto" checks FastDecoder once (forward + backward on two rows, log-probs against transformers');
+    if the check fails the trainer warns and trains with transformers' forward, and no gradient is left behind."""
+    trainer = make_trainer(tok, fast_forward=True)
+    trainer._forward_checked = False                  # as "auto" on a GPU
+    hidden = trainer.forward.hidden
+
+    def broken(*args, **kwargs):
+        if failure == "raises":
+            raise RuntimeError("no kernel image is available for execution on the device")
+        return hidden(*args, **kwargs) * 3.0
+
+    trainer.forward.hidden = broken
+    queries, responses, rewards = rollout_inputs(trainer)
+    with pytest.warns(UserWarning, match="FastDecoder failed its check"):
+        stats = trainer.step(queries=queries, responses=responses, rewards=rewards)
+    assert trainer.forward_backend == "hf" and "failed its check" in trainer.forward_reason
+    assert all(math.isfinite(v) for v in stats.values())
+    good = make_trainer(tok, fast_forward=True)
+    good._forward_checked = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        good.step(queries=queries, responses=responses, rewards=rewards)
+    assert good.forward_backend == "fast"
 
 
 def test_graphed_backward_runs_eagerly_off_gpu():

@@ -184,6 +184,27 @@ def choose_backend(model, setting, device: torch.device) -> tuple[str, str]:
     return plain, problem
 
 
+def check_fast_forward(fast: "PolicyForward", reference: "PolicyForward", rows, temperature: float) -> str | None:
+    """Run FastDecoder's forward and backward once on a few rollout rows and compare its log-probs with those of
+    transformers' forward: what went wrong, or None. With fast_forward="auto" the trainer does this once, so an
+    untried GPU / library combination falls back to transformers instead of stopping a run. Gradients the check
+    leaves on the parameters are the caller's to clear."""
+    try:
+        with torch.enable_grad():
+            logprobs, _, hidden = fast(*rows, temperature, with_hidden=True)
+            (logprobs.sum() + hidden.float().mean()).backward()
+        with torch.no_grad():
+            expected = reference(*rows, temperature)[0]
+    except Exception as err:  # noqa: BLE001 (anything: the point is not to stop the run)
+        return f"{type(err).__name__}: {err}"
+    mask = rows[3].bool()
+    got, expected = logprobs.detach()[mask], expected[mask]
+    diff = (got - expected).abs().mean().item()
+    if not torch.isfinite(got).all() or diff > 0.05 * (1.0 + expected.std().item()):
+        return f"its log-probs differ from transformers' by {diff:.3g} on average"
+    return None
+
+
 class PolicyForward:
     """The policy's forward for PPO: `(logprobs, entropy or None, hidden)` of the response tokens, each (B, Tr[, H]).
 

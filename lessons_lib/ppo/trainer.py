@@ -33,7 +33,7 @@ from .config import PPOConfig
 from .core import (AdaptiveKLController, FixedKLController, RunningMoments, compute_gae, compute_rewards,
                    masked_whiten, policy_loss, value_loss)
 from .distributed import init_distributed, sampling_seed
-from .forward import PolicyForward, choose_backend, pad_columns, round_up
+from .forward import PolicyForward, check_fast_forward, choose_backend, pad_columns, round_up
 from .graphs import GraphedBackward
 from .rollout import (Rollout, ValueHead, critic_forward, disable_dropout, fix_bnb_cpu_repacking, pad_right,
                       rollout_engine_problem, sample_responses, sampling_kwargs, truncate_after_eos)
@@ -154,11 +154,13 @@ class PPOTrainer:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
 
-    def _setup_speed(self) -> None:
+    def _setup_speed(self, backend: tuple[str, str] | None = None) -> None:
         """The forward of steps 3-4 and 9 (PPOConfig.fast_forward), CUDA graphs for the update (cuda_graphs); step 1's
         RolloutEngine is built on first use (fast_rollout). docs/PPO.md "Performance" says what each buys."""
         cfg = self.config
-        self.forward_backend, self.forward_reason = choose_backend(self.model, cfg.fast_forward, self.device)
+        self.forward_backend, self.forward_reason = backend or choose_backend(self.model, cfg.fast_forward,
+                                                                              self.device)
+        self._forward_checked = self.forward_backend != "fast" or cfg.fast_forward is True
         self.forward = PolicyForward(self.model, self.forward_backend, cfg.logprob_chunk_tokens)
         self.ref_forward = None if self.ref_model is None else PolicyForward(
             self.ref_model, choose_backend(self.ref_model, False, self.device)[0], cfg.logprob_chunk_tokens)
@@ -170,7 +172,20 @@ class PPOTrainer:
         # minibatches padded to bucketed lengths, forward + backward replayed from a CUDA graph (eager on a CPU)
         self._graphed = GraphedBackward(self._graph_loss, self._params, enabled=graphs) \
             if graphs or cfg.length_bucket else None
-        self._engine = None
+        self._engine = getattr(self, "_engine", None)
+
+    def _check_forward(self, roll: Rollout) -> None:
+        """fast_forward="auto": once, FastDecoder's forward and backward on two rows against transformers'; on any
+        failure, a warning and transformers' forward from then on (check_fast_forward)."""
+        self._forward_checked = True
+        rows = (roll.query_ids[:2], roll.query_mask[:2], roll.response_ids[:2], roll.response_mask[:2])
+        problem = check_fast_forward(self.forward, PolicyForward(self.model, "hf"), rows, self.sampling_temperature)
+        for p in self._params:
+            p.grad = None
+        if problem is not None:
+            warnings.warn(f"PPOTrainer: FastDecoder failed its check on this machine ({problem}); using transformers' "
+                          "forward (fast_forward=False) from now on", stacklevel=3)
+            self._setup_speed(("hf", f"FastDecoder failed its check: {problem}"))
 
     def _rollout_engine(self, gen_kwargs: dict):
         """Step 1's RolloutEngine (PPOConfig.fast_rollout), built on first use; None means `model.generate`."""
@@ -347,6 +362,8 @@ class PPOTrainer:
     @torch.no_grad()
     def score_tokens(self, roll: Rollout) -> None:
         """Steps 3-4: log-probs under the policy and the reference, entropy, values; one minibatch at a time."""
+        if not self._forward_checked:
+            self._check_forward(roll)
         mb, T = self.config.forward_batch_size or max(self.config.mini_batch_size, 32), self.sampling_temperature
         parts = defaultdict(list)
         padded = not bool(roll.query_mask.all() and roll.response_mask.all())
