@@ -128,7 +128,39 @@ def worker(out: Path) -> None:
     except NonFiniteError as err:
         loop["nan"] = str(err)
     result["loop"] = loop
+    result["fsdp"] = fsdp_probe(tok, dist.rank)
     torch.save(result, out / f"rank{dist.rank}.pt")
+
+
+def fsdp_probe(tok, rank: int) -> dict:
+    """docs/SCALING.md "Larger than one GPU": FSDP2's building blocks work on a peft LoRA model (forward, backward,
+    the reference pass under disable_adapter, generate with synced_gpus), and PPOTrainer refuses a sharded model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lessons_lib.ppo import PPOTrainer
+
+    model = make_policy(tok, seed=0)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ids = torch.randint(4, len(tok), (2, 7), generator=torch.Generator().manual_seed(rank))
+    model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+    lora = [p for p in model.parameters() if p.requires_grad]
+    probe = {"lora_tensors": len(lora), "sharded_grads": sum(type(p.grad).__name__ == "DTensor" for p in lora)}
+    with model.disable_adapter(), torch.no_grad():
+        probe["reference_logits"] = tuple(model(input_ids=ids).logits.shape)
+    with torch.no_grad():   # a different length per process: synced_gpus keeps the collectives in step
+        out = model.generate(input_ids=ids[:, :3], max_new_tokens=3 + 2 * rank, min_new_tokens=3 + 2 * rank,
+                             do_sample=True, synced_gpus=True, pad_token_id=tok.pad_token_id)
+    probe["generated"] = out.shape[1] - 3
+    try:
+        PPOTrainer(config(FIXED), model=model, tokenizer=tok)
+        probe["trainer"] = "accepted"
+    except NotImplementedError as err:
+        probe["trainer"] = str(err)
+    return probe
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +323,16 @@ def test_a_nan_reward_on_one_process_stops_both(launched):
     results, _ = launched
     for rank, r in enumerate(results):
         assert "non-finite reward" in r["loop"]["nan"] and "[4]" in r["loop"]["nan"], (rank, r["loop"]["nan"])
+
+
+def test_fsdp_building_blocks_work_and_the_trainer_refuses_a_sharded_model(launched):
+    results, _ = launched
+    for rank, r in enumerate(results):
+        probe = r["fsdp"]
+        assert probe["sharded_grads"] == probe["lora_tensors"] == 16
+        assert probe["reference_logits"] == (2, 7, len(make_tokenizer()))
+        assert probe["generated"] == 3 + 2 * rank
+        assert "not supported" in probe["trainer"] and "docs/SCALING.md" in probe["trainer"]
 
 
 def test_sizes_must_divide_among_processes():
