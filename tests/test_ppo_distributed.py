@@ -32,7 +32,8 @@ FIXED = dict(batch_size=8, mini_batch_size=8, ppo_epochs=2, learning_rate=1e-2, 
              whiten_rewards=True, score_norm=True, adaptive_kl=True, kl_target=0.05, kl_horizon=100.0)
 MINIBATCHES = dict(FIXED, batch_size=16, mini_batch_size=4, gradient_accumulation_steps=2)
 LOOP = dict(batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=1e-2, max_new_tokens=8, progress=False)
-SCENARIOS = {"fixed": FIXED, "minibatches": MINIBATCHES}
+SCENARIOS = {"fixed": FIXED, "minibatches": MINIBATCHES, "full_finetuning": dict(FIXED, learning_rate=1e-3)}
+WITHOUT_LORA = {"full_finetuning"}      # every weight trained; the reference is a frozen copy
 STEPS = 2
 RTOL, ATOL = 1e-4, 2e-5          # fp32: the processes sum in another order than one process
 
@@ -79,7 +80,8 @@ def worker(out: Path) -> None:
     trainer = None
     result = {}
     for name, values in SCENARIOS.items():
-        trainer = PPOTrainer(config(values), model=make_policy(tok, seed=0), tokenizer=tok)
+        trainer = PPOTrainer(config(values), model=make_policy(tok, seed=0, lora=name not in WITHOUT_LORA),
+                             tokenizer=tok)
         rank, n = trainer.dist.rank, values["batch_size"] // WORLD
         stats = []
         for step in range(STEPS):
@@ -129,7 +131,34 @@ def worker(out: Path) -> None:
         loop["nan"] = str(err)
     result["loop"] = loop
     result["fsdp"] = fsdp_probe(tok, dist.rank)
+    result["mismatch"] = mismatched_models(tok, dist)
     torch.save(result, out / f"rank{dist.rank}.pt")
+
+
+def mismatched_models(tok, dist) -> dict:
+    """Adapters initialised differently per process: a warning, then process 0's everywhere. Different base
+    weights: an error on every process."""
+    import warnings
+
+    from lessons_lib.ppo import PPOTrainer
+
+    model = make_policy(tok, seed=0)
+    torch.manual_seed(dist.rank)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data.normal_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PPOTrainer(config(FIXED), model=model, tokenizer=tok)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    out = {"warnings": [str(w.message) for w in caught if "differed between processes" in str(w.message)],
+           "lora": dist.gather_objects(sum(float(p.sum()) for p in lora))}
+    try:
+        PPOTrainer(config(FIXED), model=make_policy(tok, seed=dist.rank), tokenizer=tok)
+        out["different_base"] = "accepted"
+    except ValueError as err:
+        out["different_base"] = str(err)
+    return out
 
 
 def fsdp_probe(tok, rank: int) -> dict:
@@ -231,7 +260,8 @@ def test_two_processes_equal_one_on_the_same_global_batch(launched, name, monkey
     results, _ = launched
     values = SCENARIOS[name]
     tok = make_tokenizer()
-    reference = PPOTrainer(config(values), model=make_policy(tok, seed=0), tokenizer=tok)
+    lora = name not in WITHOUT_LORA
+    reference = PPOTrainer(config(values), model=make_policy(tok, seed=0, lora=lora), tokenizer=tok)
     union_order(monkeypatch, reference)
     for step in range(STEPS):
         queries, responses, scores = fixed_batch(tok, values["batch_size"], step)
@@ -242,7 +272,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(launched, name, monkey
     for rank in range(WORLD):
         assert_params_equal(results[rank][name]["params"], want, f"{name}, process {rank}")
     # the update changed the weights (so equality is not trivial)
-    start = trainable(PPOTrainer(config(values), model=make_policy(tok, seed=0), tokenizer=tok))
+    start = trainable(PPOTrainer(config(values), model=make_policy(tok, seed=0, lora=lora), tokenizer=tok))
     assert max(float((want[k] - start[k]).abs().max()) for k in want) > 1e-3
 
 
@@ -333,6 +363,15 @@ def test_fsdp_building_blocks_work_and_the_trainer_refuses_a_sharded_model(launc
         assert probe["reference_logits"] == (2, 7, len(make_tokenizer()))
         assert probe["generated"] == 3 + 2 * rank
         assert "not supported" in probe["trainer"] and "docs/SCALING.md" in probe["trainer"]
+
+
+def test_processes_start_from_process_0s_weights_and_refuse_different_models(launched):
+    results, _ = launched
+    for r in results:
+        mismatch = r["mismatch"]
+        assert len(mismatch["warnings"]) == 1 and "process 0's are used" in mismatch["warnings"][0]
+        assert mismatch["lora"][0] == mismatch["lora"][1]          # broadcast from process 0
+        assert "the frozen weights differ between process 0 and process(es) [1]" in mismatch["different_base"]
 
 
 def test_sizes_must_divide_among_processes():

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -133,9 +134,16 @@ class DistributedContext:
 
     @torch.no_grad()
     def broadcast_parameters(self, params) -> None:
-        """Copy the main process's values of `params` (the trainable weights) to every process, in place."""
+        """Copy the main process's values of `params` (the trainable weights) to every process, in place; warn when
+        they differed (fine for fresh LoRA adapters, but a frozen reference copied from them would differ too)."""
         import torch.distributed as dist
 
+        params = list(params)
+        everyone = self.gather(self._checksums(params)).view(self.world_size, -1)      # (N, tensors)
+        if any(not torch.equal(row, everyone[0]) for row in everyone[1:]):
+            warnings.warn("PPOTrainer: the trainable weights differed between processes (e.g. adapters initialised "
+                          "with different seeds); process 0's are used everywhere. Without LoRA the reference model "
+                          "is a copy made before this: load the same weights on every process", stacklevel=3)
         for p in params:
             buffer = p.data.to(self.device)
             dist.broadcast(buffer, src=0)
@@ -149,12 +157,18 @@ class DistributedContext:
             raise NotImplementedError("PPOTrainer replicates the model on every process (data parallel); a model "
                                       "sharded with FSDP/ZeRO-3 is not supported: see docs/SCALING.md, "
                                       "'Larger than one GPU'")
-        sums = torch.stack([t.detach().sum(dtype=torch.float64).cpu() * (i % 7 + 1) for i, t in enumerate(tensors)])
-        everyone = self.gather(sums.flatten()).view(self.world_size, -1)                  # (N, tensors)
+        if not tensors:
+            return
+        everyone = self.gather(self._checksums(tensors)).view(self.world_size, -1)        # (N, tensors)
         differ = [r for r in range(self.world_size) if not torch.equal(everyone[r], everyone[0])]
         if differ:
             raise ValueError(f"{what} differ between process 0 and process(es) {differ}: every process must load the "
                              "same model (same checkpoint, same dtype, same quantization)")
+
+    @staticmethod
+    def _checksums(tensors) -> torch.Tensor:
+        """One float64 number per tensor (its sum, times a small position weight), on the CPU: (tensors,)."""
+        return torch.stack([t.detach().sum(dtype=torch.float64).cpu() * (i % 7 + 1) for i, t in enumerate(tensors)])
 
     # ------------------------------------------------------------------------------------------ collectives
     def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
