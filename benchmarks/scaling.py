@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -74,8 +75,12 @@ def build_model(folder: Path, config: dict, device: str) -> None:
 def launch(n: int, args, model_dir: Path) -> dict:
     """`accelerate launch --num_processes n` of this script's worker; returns its JSON result (or an error)."""
     result = Path(tempfile.mkdtemp(prefix="lessons-scaling-")) / "result.json"
+    with socket.socket() as free:     # a free port for the processes to meet on (the default 29500 may be taken)
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", *(["--multi_gpu"] if n > 1 else []),
+           "--mixed_precision", "no", "--dynamo_backend", "no", *(["--multi_gpu", "--main_process_port", port]
+                                                                  if n > 1 else []),
            str(Path(__file__).resolve()), "--worker", "--model-dir", str(model_dir), "--result", str(result),
            *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in DEFAULTS if k != "processes"],
            *(["--quick"] if args.quick else [])]
