@@ -1,4 +1,5 @@
-"""A minibatch's forward + backward as one CUDA graph replay (PPO step 9 on a GPU; docs/PPO.md "Performance").
+"""A minibatch's forward + backward, and the no-grad scoring passes, as CUDA graph replays (PPO steps 3-4 and 9 on a
+GPU; docs/PPO.md "Performance").
 
 A PPO minibatch of a few short responses is launch-bound: a LoRA forward + backward of a 1.5B model is ~10,000
 small kernels, and eager PyTorch spends 5-30 us of CPU on each, far more than the GPU needs. A CUDA graph records
@@ -21,8 +22,43 @@ import torch
 
 
 class _Graph:
-    def __init__(self, graph, static, loss, stats):
-        self.graph, self.static, self.loss, self.stats = graph, static, loss, stats
+    def __init__(self, graph, static, outputs):
+        self.graph, self.static, self.outputs = graph, static, outputs
+
+
+def _capture(run, batch: dict, warmup: int, before=None, after=None) -> _Graph:
+    """Warm `run(inputs)` up on a side stream, then capture it into a CUDA graph with its own memory pool. `before` /
+    `after` bracket the warm-up and capture (GraphedBackward saves and restores the gradients there)."""
+    inputs = {k: v.detach().clone() for k, v in batch.items()}
+    state = before() if before else None
+    main = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(main)
+    try:
+        with torch.cuda.stream(side):          # lazy initialisations must not happen inside the capture
+            for _ in range(warmup):
+                run(inputs)
+        main.wait_stream(side)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()               # the warm-up's cached blocks: the graph's own pool cannot use them
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
+            outputs = run(inputs)
+        torch.cuda.synchronize()
+    finally:
+        if after:
+            after(state)
+    return _Graph(graph, inputs, outputs)
+
+
+def _key(batch: dict, static: dict) -> tuple:
+    return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items())), tuple(sorted(static.items()))
+
+
+def _replay(entry: _Graph, batch: dict):
+    for name, value in batch.items():
+        entry.static[name].copy_(value, non_blocking=True)
+    entry.graph.replay()
 
 
 class GraphedBackward:
@@ -60,34 +96,24 @@ class GraphedBackward:
                 p.grad = g
 
     def _capture(self, batch: dict, static: dict) -> _Graph:
-        inputs = {k: v.detach().clone() for k, v in batch.items()}
-        saved = [g.clone() for g in self._grads]
-        main = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(main)
-        try:
-            with torch.cuda.stream(side):          # lazy initialisations must not happen inside the capture
-                for _ in range(self.warmup):
-                    self._eager(inputs, static)
-            main.wait_stream(side)
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()               # the warm-up's cached blocks: the graph's own pool cannot use them
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
-                loss, stats = self.loss_fn(**inputs, **static)
-                loss.backward()
-            torch.cuda.synchronize()
-        finally:
-            for g, s in zip(self._grads, saved):   # warm-up (and capture) must not change the gradients
+        def run(inputs):
+            loss, stats = self.loss_fn(**inputs, **static)
+            loss.backward()
+            return loss.detach(), {k: v.detach() for k, v in stats.items()}
+
+        def restore(saved):                        # warm-up (and capture) must not change the gradients
+            for g, s in zip(self._grads, saved):
                 g.copy_(s)
+
+        entry = _capture(run, batch, self.warmup, lambda: [g.clone() for g in self._grads], restore)
         self.captures += 1
-        return _Graph(graph, inputs, loss.detach(), {k: v.detach() for k, v in stats.items()})
+        return entry
 
     def __call__(self, batch: dict, **static):
         if not self.enabled:
             return self._eager(batch, static)
         self._bind_grads()
-        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items())), tuple(sorted(static.items())))
+        key = _key(batch, static)
         entry = self.graphs.get(key)
         if entry is None:
             try:
@@ -97,7 +123,35 @@ class GraphedBackward:
                 warnings.warn(f"PPO update: CUDA graph capture failed ({type(err).__name__}: {err}); running the "
                               "minibatch forward + backward eagerly from now on", stacklevel=3)
                 return self._eager(batch, static)
-        for name, value in batch.items():
-            entry.static[name].copy_(value, non_blocking=True)
-        entry.graph.replay()
-        return entry.loss.clone(), {k: v.clone() for k, v in entry.stats.items()}
+        _replay(entry, batch)
+        loss, stats = entry.outputs
+        return loss.clone(), {k: v.clone() for k, v in stats.items()}
+
+
+class GraphedForward:
+    """`call(batch, **static) -> dict of tensors`: `fn(**batch, **static)` without autograd, replayed from a CUDA
+    graph per batch shape (PPO's no-grad scoring passes). Eager when disabled or off a GPU; a failed capture warns
+    once and leaves every later call eager. The returned tensors are copies (the next replay overwrites the graph's)."""
+
+    def __init__(self, fn, enabled: bool = True, warmup: int = 2):
+        self.fn, self.enabled, self.warmup = fn, enabled and torch.cuda.is_available(), max(1, warmup)
+        self.graphs: dict = {}
+        self.captures = 0
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, **static) -> dict:
+        if not self.enabled:
+            return self.fn(**batch, **static)
+        key = _key(batch, static)
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self.graphs[key] = _capture(lambda inputs: self.fn(**inputs, **static), batch, self.warmup)
+                self.captures += 1
+            except Exception as err:  # noqa: BLE001
+                self.enabled = False
+                warnings.warn(f"PPO scoring: CUDA graph capture failed ({type(err).__name__}: {err}); running the "
+                              "scoring passes eagerly from now on", stacklevel=3)
+                return self.fn(**batch, **static)
+        _replay(entry, batch)
+        return {k: v.clone() for k, v in entry.outputs.items()}

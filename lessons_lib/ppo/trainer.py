@@ -34,7 +34,7 @@ from .core import (AdaptiveKLController, FixedKLController, RunningMoments, comp
                    masked_whiten, policy_loss, value_loss)
 from .distributed import init_distributed, sampling_seed
 from .forward import PolicyForward, check_fast_forward, choose_backend, pad_columns, round_up
-from .graphs import GraphedBackward
+from .graphs import GraphedBackward, GraphedForward
 from .rollout import (Rollout, ValueHead, critic_forward, disable_dropout, fix_bnb_cpu_repacking, pad_right,
                       rollout_engine_problem, sample_responses, sampling_kwargs, truncate_after_eos)
 from .sampler import DifficultySampler, PromptLoader, prepare_prompts
@@ -172,6 +172,9 @@ class PPOTrainer:
         # minibatches padded to bucketed lengths, forward + backward replayed from a CUDA graph (eager on a CPU)
         self._graphed = GraphedBackward(self._graph_loss, self._params, enabled=graphs) \
             if graphs or cfg.length_bucket else None
+        # the scoring passes too (policy + reference + values as one replay), with the value head and LoRA reference
+        self._scoring = GraphedForward(self._score_passes, enabled=graphs) if self._graphed is not None and \
+            self.value_head is not None and self.ref_model is None else None
         self._engine = getattr(self, "_engine", None)
 
     def _check_forward(self, roll: Rollout) -> None:
@@ -366,25 +369,35 @@ class PPOTrainer:
             self._check_forward(roll)
         mb, T = self.config.forward_batch_size or max(self.config.mini_batch_size, 32), self.sampling_temperature
         parts = defaultdict(list)
-        padded = not bool(roll.query_mask.all() and roll.response_mask.all())
-        ref, context = (self.ref_forward, nullcontext) if self.ref_model is not None else \
-            (self.forward, self.model.disable_adapter)     # the reference: adapters off, no second copy
+        names = ("query_ids", "query_mask", "response_ids", "response_mask")
+        tensors, Tr = {n: getattr(roll, n) for n in names}, roll.response_ids.shape[1]
+        if self._scoring is not None:    # widths rounded up to buckets: one captured graph serves many steps
+            bucket = self.config.length_bucket or 32
+            tensors = pad_columns(tensors, round_up(roll.query_ids.shape[1], bucket), round_up(Tr, bucket), self.pad_id)
+        padded = not bool(tensors["query_mask"].all() and tensors["response_mask"].all())
         self.model.eval()
         for start in range(0, roll.query_ids.shape[0], mb):
-            rows = (roll.query_ids[start:start + mb], roll.query_mask[start:start + mb],
-                    roll.response_ids[start:start + mb], roll.response_mask[start:start + mb])
-            logprobs, entropy, hidden = self.forward(*rows, T, with_entropy=True,
-                                                     with_hidden=self.value_head is not None, padded=padded)
-            with context():
-                ref_logprobs = ref(*rows, T, padded=padded)[0]
-            values = self.value_head(hidden) if self.value_head is not None else critic_forward(self.critic, *rows)
-            for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("entropy", entropy),
-                            ("values", values)):
-                parts[name].append(t.float())
+            chunk = {n: t[start:start + mb] for n, t in tensors.items()}
+            run = self._scoring if self._scoring is not None else lambda c, **kw: self._score_passes(**c, **kw)
+            for name, t in run(chunk, temperature=T, padded=padded).items():
+                parts[name].append(t[:, :Tr].float())
         self.model.train()
         mask = roll.response_mask.float()
         for name, chunks in parts.items():
             setattr(roll, name, torch.cat(chunks) * mask)                           # (B, Tr)
+
+    def _score_passes(self, query_ids, query_mask, response_ids, response_mask, temperature: float,
+                      padded: bool = True) -> dict:
+        """The no-grad passes of one chunk of rows: policy log-probs, entropy and values, then reference log-probs."""
+        rows = (query_ids, query_mask, response_ids, response_mask)
+        logprobs, entropy, hidden = self.forward(*rows, temperature, with_entropy=True,
+                                                 with_hidden=self.value_head is not None, padded=padded)
+        ref, context = (self.ref_forward, nullcontext) if self.ref_model is not None else \
+            (self.forward, self.model.disable_adapter)     # the reference: adapters off, no second copy
+        with context():
+            ref_logprobs = ref(*rows, temperature, padded=padded)[0]
+        values = self.value_head(hidden) if self.value_head is not None else critic_forward(self.critic, *rows)
+        return {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "entropy": entropy, "values": values}
 
     def final_scores(self, raw: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
         """Step 5: optional running normalisation and clipping, then the EOS trick for unfinished responses."""
