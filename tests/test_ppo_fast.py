@@ -403,9 +403,13 @@ def test_fast_rollout_true_rejects_options_the_engine_lacks(tok):
 
 
 @pytest.mark.cuda
-def test_graphed_backward_replays_equal_eager():
-    """The captured forward + backward, replayed on new inputs, accumulates the same gradients as eager calls, and
-    capturing leaves the gradients as they were."""
+@pytest.mark.parametrize("max_graphs", [8, 1], ids=["kept", "evicted"])
+def test_graphed_backward_replays_equal_eager(max_graphs):
+    """Captured forward + backward graphs of two shapes and a forward-only graph, all in one memory pool, replayed
+    interleaved on new inputs: each accumulates the same gradients (or returns the same values) as an eager call,
+    and capturing leaves the gradients as they were. With max_graphs=1 every shape change re-captures."""
+    from lessons_lib.ppo.graphs import GraphedForward, GraphPool
+
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1)).cuda()
     params = list(net.parameters())
@@ -415,14 +419,19 @@ def test_graphed_backward_replays_equal_eager():
         loss = (y * mask).sum() / mask.sum() * scale
         return loss, {"y_mean": y.mean()}
 
-    graphed = GraphedBackward(loss_fn, params)
+    pool = GraphPool()
+    graphed = GraphedBackward(loss_fn, params, pool=pool, max_graphs=max_graphs)
+    scores = GraphedForward(lambda x: {"y": net(x).squeeze(-1) * 2}, pool=pool)
     eager = GraphedBackward(loss_fn, params, enabled=False)
     for p in params:
         p.grad = torch.full_like(p, 0.5)
-    for step in range(3):
-        x, mask = torch.randn(5, 7, 16, device="cuda"), (torch.rand(5, 7, device="cuda") > 0.3).float()
+    for step in range(6):
+        shape = (5, 7) if step % 2 else (3, 9)
+        x, mask = torch.randn(*shape, 16, device="cuda"), (torch.rand(*shape, device="cuda") > 0.3).float()
+        mask[0, 0] = 1
         start = [p.grad.clone() for p in params]
         loss, stats = graphed({"x": x, "mask": mask}, scale=0.5)
+        torch.testing.assert_close(scores({"x": x})["y"], net(x).squeeze(-1).detach() * 2)
         got = [p.grad.clone() for p in params]
         for p, s in zip(params, start):
             p.grad.copy_(s)
@@ -431,7 +440,11 @@ def test_graphed_backward_replays_equal_eager():
         torch.testing.assert_close(stats["y_mean"], ref_stats["y_mean"])
         for g, p in zip(got, params):
             torch.testing.assert_close(g, p.grad)
-    assert graphed.captures == 1
+        with torch.no_grad():                           # an optimizer step between replays
+            for p in params:
+                p.add_(torch.randn_like(p) * 0.01)
+    assert graphed.enabled and scores.enabled
+    assert graphed.captures == (2 if max_graphs > 1 else 6) and len(graphed.graphs) == min(2, max_graphs)
 
 
 @pytest.mark.cuda

@@ -17,6 +17,7 @@ warm-up's gradients are then put back as they were, so capturing changes nothing
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 
 import torch
 
@@ -26,9 +27,42 @@ class _Graph:
         self.graph, self.static, self.outputs = graph, static, outputs
 
 
-def _capture(run, batch: dict, warmup: int, before=None, after=None) -> _Graph:
-    """Warm `run(inputs)` up on a side stream, then capture it into a CUDA graph with its own memory pool. `before` /
-    `after` bracket the warm-up and capture (GraphedBackward saves and restores the gradients there)."""
+class GraphPool:
+    """One CUDA graph memory pool shared by every graph of a trainer (update and scoring, every shape), so their
+    working memory is the largest graph's, not the sum. Safe because each graph is self-contained (forward and
+    backward in one capture, outputs kept alive) and graphs never run concurrently."""
+
+    def __init__(self):
+        self.handle = None
+
+    def get(self):
+        if self.handle is None:
+            self.handle = torch.cuda.graph_pool_handle()
+        return self.handle
+
+
+class _Graphs(OrderedDict):
+    """Captured graphs by key, least recently used first; at most `limit` are kept."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def lookup(self, key):
+        if key in self:
+            self.move_to_end(key)
+        return self.get(key)
+
+    def add(self, key, entry):
+        while len(self) >= self.limit:
+            self.popitem(last=False)
+        self[key] = entry
+        return entry
+
+
+def _capture(run, batch: dict, warmup: int, pool: GraphPool, before=None, after=None) -> _Graph:
+    """Warm `run(inputs)` up on a side stream, then capture it into a CUDA graph in `pool`. `before` / `after`
+    bracket the warm-up and capture (GraphedBackward saves and restores the gradients there)."""
     inputs = {k: v.detach().clone() for k, v in batch.items()}
     state = before() if before else None
     main = torch.cuda.current_stream()
@@ -42,7 +76,7 @@ def _capture(run, batch: dict, warmup: int, before=None, after=None) -> _Graph:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()               # the warm-up's cached blocks: the graph's own pool cannot use them
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
+        with torch.cuda.graph(graph, pool=pool.get()):
             outputs = run(inputs)
         torch.cuda.synchronize()
     finally:
@@ -69,12 +103,13 @@ class GraphedBackward:
     A capture that fails warns once and leaves every later call eager.
     """
 
-    def __init__(self, loss_fn, params: list[torch.Tensor], enabled: bool = True, warmup: int = 2):
+    def __init__(self, loss_fn, params: list[torch.Tensor], enabled: bool = True, warmup: int = 2,
+                 pool: GraphPool | None = None, max_graphs: int = 8):
         self.loss_fn = loss_fn
         self.params = [p for p in params if p.requires_grad]
         self.enabled = enabled and bool(self.params) and self.params[0].is_cuda
-        self.warmup = max(1, warmup)
-        self.graphs: dict = {}
+        self.warmup, self.pool = max(1, warmup), pool or GraphPool()
+        self.graphs = _Graphs(max_graphs)
         self.captures = 0          # how many graphs were captured (for tests and the benchmark)
         self._grads: list[torch.Tensor] | None = None
 
@@ -105,7 +140,7 @@ class GraphedBackward:
             for g, s in zip(self._grads, saved):
                 g.copy_(s)
 
-        entry = _capture(run, batch, self.warmup, lambda: [g.clone() for g in self._grads], restore)
+        entry = _capture(run, batch, self.warmup, self.pool, lambda: [g.clone() for g in self._grads], restore)
         self.captures += 1
         return entry
 
@@ -114,10 +149,10 @@ class GraphedBackward:
             return self._eager(batch, static)
         self._bind_grads()
         key = _key(batch, static)
-        entry = self.graphs.get(key)
+        entry = self.graphs.lookup(key)
         if entry is None:
             try:
-                entry = self.graphs[key] = self._capture(batch, static)
+                entry = self.graphs.add(key, self._capture(batch, static))
             except Exception as err:  # a run should not die because one op could not be captured
                 self.enabled = False
                 warnings.warn(f"PPO update: CUDA graph capture failed ({type(err).__name__}: {err}); running the "
@@ -133,9 +168,10 @@ class GraphedForward:
     graph per batch shape (PPO's no-grad scoring passes). Eager when disabled or off a GPU; a failed capture warns
     once and leaves every later call eager. The returned tensors are copies (the next replay overwrites the graph's)."""
 
-    def __init__(self, fn, enabled: bool = True, warmup: int = 2):
+    def __init__(self, fn, enabled: bool = True, warmup: int = 2, pool: GraphPool | None = None,
+                 max_graphs: int = 8):
         self.fn, self.enabled, self.warmup = fn, enabled and torch.cuda.is_available(), max(1, warmup)
-        self.graphs: dict = {}
+        self.pool, self.graphs = pool or GraphPool(), _Graphs(max_graphs)
         self.captures = 0
 
     @torch.no_grad()
@@ -143,10 +179,11 @@ class GraphedForward:
         if not self.enabled:
             return self.fn(**batch, **static)
         key = _key(batch, static)
-        entry = self.graphs.get(key)
+        entry = self.graphs.lookup(key)
         if entry is None:
             try:
-                entry = self.graphs[key] = _capture(lambda inputs: self.fn(**inputs, **static), batch, self.warmup)
+                entry = self.graphs.add(key, _capture(lambda inputs: self.fn(**inputs, **static), batch,
+                                                      self.warmup, self.pool))
                 self.captures += 1
             except Exception as err:  # noqa: BLE001
                 self.enabled = False

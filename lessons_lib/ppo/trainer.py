@@ -34,7 +34,7 @@ from .core import (AdaptiveKLController, FixedKLController, RunningMoments, comp
                    masked_whiten, policy_loss, value_loss)
 from .distributed import init_distributed, sampling_seed
 from .forward import PolicyForward, check_fast_forward, choose_backend, pad_columns, round_up
-from .graphs import GraphedBackward, GraphedForward
+from .graphs import GraphedBackward, GraphedForward, GraphPool
 from .rollout import (Rollout, ValueHead, critic_forward, disable_dropout, fix_bnb_cpu_repacking, pad_right,
                       rollout_engine_problem, sample_responses, sampling_kwargs, truncate_after_eos)
 from .sampler import DifficultySampler, PromptLoader, prepare_prompts
@@ -170,11 +170,12 @@ class PPOTrainer:
                 raise ValueError(f"PPOConfig.cuda_graphs=True needs the model on a CUDA device, it is on {self.device}")
             graphs = False
         # minibatches padded to bucketed lengths, forward + backward replayed from a CUDA graph (eager on a CPU)
-        self._graphed = GraphedBackward(self._graph_loss, self._params, enabled=graphs) \
+        pool = GraphPool()                  # one memory pool for every graph: the largest one's memory, not the sum
+        self._graphed = GraphedBackward(self._graph_loss, self._params, enabled=graphs, pool=pool) \
             if graphs or cfg.length_bucket else None
         # the scoring passes too (policy + reference + values as one replay), with the value head and LoRA reference
-        self._scoring = GraphedForward(self._score_passes, enabled=graphs) if self._graphed is not None and \
-            self.value_head is not None and self.ref_model is None else None
+        self._scoring = GraphedForward(self._score_passes, enabled=graphs, pool=pool) if self._graphed is not None \
+            and self.value_head is not None and self.ref_model is None else None
         self._engine = getattr(self, "_engine", None)
 
     def _check_forward(self, roll: Rollout) -> None:
