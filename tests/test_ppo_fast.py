@@ -312,6 +312,80 @@ def test_config_switches_and_errors(tok):
     assert trainer._rollout_engine({"max_new_tokens": 2}) is None              # the engine is for GPUs in "auto"
 
 
+# ------------------------------------------------------------------------------------------ the reward model
+
+
+@pytest.fixture(scope="module")
+def rm_folders(tmp_path_factory):
+    from lessons_lib.models import save_random_model
+
+    root = tmp_path_factory.mktemp("rm")
+    return {arch: save_random_model(root / arch, arch=arch, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2) for arch in ("qwen2", "llama")}
+
+
+def reward_model(folder, load_in_4bit=False):
+    from lessons_lib.reward import RewardModel
+
+    rm = RewardModel.from_backbone(str(folder), load_in_4bit=load_in_4bit, lora_r=4)
+    randomize_lora(rm.model, scale=0.1)
+    rm.mean, rm.std = 0.3, 1.7
+    return rm
+
+
+TEXTS = (["name two fruits", "write a list of three colors please", "hi", "a longer prompt " * 6],
+         ["- apple\n- pear", "red, blue and a very long tail " * 4, "ok", ""])
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["fp32", "4bit"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_fast_reward_scorer_equals_reward_model_score(rm_folders, arch, load_in_4bit):
+    """The reward model's backbone through FastDecoder, texts left-padded to buckets of 32: the same normalised
+    rewards as RewardModel.score (prompts of different lengths, an empty response)."""
+    from lessons_lib.ppo.scoring import FastRewardScorer
+
+    rm = reward_model(rm_folders[arch], load_in_4bit)
+    expected = rm.score(*TEXTS)
+    scorer = FastRewardScorer(rm, strict=True)
+    torch.testing.assert_close(scorer.fast_score(*TEXTS, batch_size=3), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scorer(*TEXTS), expected)             # the first call checks, then the fast path
+    torch.testing.assert_close(scorer(*TEXTS), expected, atol=1e-5, rtol=1e-5)
+    assert scorer.checked and scorer.failed is None
+    from lessons_lib.fast_train import FastDecoder
+
+    with pytest.raises(NotImplementedError, match="no LM head"):
+        FastDecoder(rm.model).loss(torch.ones(1, 3, dtype=torch.long))
+
+
+def test_trainer_scores_with_the_fast_reward_scorer(rm_folders, tok):
+    from lessons_lib.ppo.scoring import FastRewardScorer
+
+    rm = reward_model(rm_folders["qwen2"])
+    fast = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2, progress=False, fast_forward=True),
+                      model=randomize_lora(make_policy(tok)), tokenizer=tok, reward_model=rm)
+    plain = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2, progress=False),
+                       model=randomize_lora(make_policy(tok)), tokenizer=tok, reward_model=rm)
+    assert isinstance(fast.reward_fn, FastRewardScorer) and not isinstance(plain.reward_fn, FastRewardScorer)
+    queries = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"]) for t in TEXTS[0]]
+    responses = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for t in TEXTS[1]]
+    for _ in range(2):
+        torch.testing.assert_close(fast.compute_reward(responses=responses, queries=queries),
+                                   plain.compute_reward(responses=responses, queries=queries), atol=1e-5, rtol=1e-5)
+
+
+def test_a_failing_fast_reward_scorer_falls_back(rm_folders):
+    from lessons_lib.ppo.scoring import FastRewardScorer
+
+    rm = reward_model(rm_folders["llama"])
+    scorer = FastRewardScorer(rm)
+    scorer.head = lambda pooled: torch.zeros(pooled.shape[0], 1)        # wrong rewards
+    expected = rm.score(*TEXTS)
+    with pytest.warns(UserWarning, match="fast scorer failed its check"):
+        torch.testing.assert_close(scorer(*TEXTS), expected)
+    torch.testing.assert_close(scorer(*TEXTS), expected)
+    assert scorer.failed and "differ" in scorer.failed
+
+
 # ------------------------------------------------------------------------------------------ the rollout engine
 
 

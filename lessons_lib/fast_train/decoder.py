@@ -82,10 +82,12 @@ class FastDecoder:
         embed = inner.embed_tokens
         if hasattr(embed, "lora_embedding_A") or embed.weight.requires_grad:
             raise NotImplementedError("trainable embeddings (or LoRA on them) are not supported by FastDecoder")
-        head = lm.get_output_embeddings()
-        if hasattr(head, "modules_to_save") or hasattr(head, "lora_A") or head.weight.requires_grad:
+        head = lm.get_output_embeddings()   # None for a sequence classifier: hidden states only, no loss()
+        if head is not None and (hasattr(head, "modules_to_save") or hasattr(head, "lora_A")
+                                 or head.weight.requires_grad):
             raise NotImplementedError("a trainable LM head (modules_to_save or LoRA) is not supported by FastDecoder")
-        self.embed, self.head = embed.weight, head.weight                    # (V, H) each, maybe the same tensor
+        self.embed = embed.weight                                            # (V, H)
+        self.head = None if head is None else head.weight                    # (V, H), maybe the same tensor
         self.layers = [Layer(layer, i) for i, layer in enumerate(inner.layers)]
         self.norm, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
         self.rotary = inner.rotary_emb
@@ -154,6 +156,9 @@ class FastDecoder:
     def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy (labels: default input_ids; -100 and padding ignored), as transformers'."""
+        if self.head is None:
+            raise NotImplementedError(f"{type(unwrap_causal_lm(self.model)).__name__} has no LM head: FastDecoder "
+                                      "gives its hidden states (call it), not a language-model loss")
         hidden = self.forward(input_ids, attention_mask, position_ids)      # (B, T, H)
         targets = next_token_targets(input_ids, attention_mask, labels)     # (B, T), last column -100
         return linear_cross_entropy(hidden, self.head, targets, self.loss_chunk_tokens)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -56,6 +57,99 @@ class SequenceClassifierScorer:
         return torch.cat(scores)
 
     score = __call__
+
+
+class FastRewardScorer:
+    """`RewardModel.score` with the backbone run by `lessons_lib.fast_train.FastDecoder` (fused 4-bit projections,
+    LoRA written out), on a GPU as one CUDA graph replay per bucketed text length: the same rewards, fewer launches.
+
+    The first call also scores with `RewardModel.score` and compares: on any failure or difference the scorer warns
+    and hands every later call to `RewardModel.score` (with `strict=True` it raises instead).
+    """
+
+    def __init__(self, reward_model, graphs: bool = False, bucket: int = 32, strict: bool = False, pool=None):
+        from lessons_lib.fast_train import FastDecoder
+        from lessons_lib.reward import _parts
+
+        from .graphs import GraphedForward
+
+        self.rm, self.bucket, self.strict = reward_model, bucket, strict
+        self.decoder = FastDecoder(reward_model.model)       # raises NotImplementedError for what it cannot run
+        self.head = _parts(reward_model.model)[1]
+        self.head_dtype = next(self.head.parameters()).dtype
+        self.graphed = GraphedForward(self._rewards, enabled=graphs, pool=pool)
+        self.checked, self.failed = False, None
+
+    def _rewards(self, input_ids, attention_mask, padded: bool) -> dict:
+        """Raw rewards, (B,): the head at each row's last real token (RewardModel.rewards, through FastDecoder)."""
+        if padded:
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)                   # (B, T)
+            hidden = self.decoder(input_ids, attention_mask, position_ids)                # (B, T, H)
+        else:
+            hidden = self.decoder(input_ids)
+        T = attention_mask.shape[1]
+        last = (attention_mask * torch.arange(T, device=attention_mask.device)).argmax(-1)  # (B,)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]           # (B, H)
+        return {"rewards": self.head(pooled.to(self.head_dtype)).squeeze(-1).float()}
+
+    @torch.no_grad()
+    def fast_score(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> torch.Tensor:
+        rm, out = self.rm, []
+        was_training = rm.model.training
+        rm.model.eval()
+        try:
+            for start in range(0, len(prompts), batch_size):
+                enc = rm.encode(prompts[start:start + batch_size], responses[start:start + batch_size])
+                ids, mask = enc["input_ids"], enc["attention_mask"]                       # (B, T), left-padded
+                extra = -ids.shape[1] % self.bucket
+                if extra:
+                    pad = rm.tokenizer.pad_token_id
+                    ids, mask = nn.functional.pad(ids, (extra, 0), value=pad), nn.functional.pad(mask, (extra, 0))
+                padded = not bool(mask.all())
+                out.append(self.graphed({"input_ids": ids, "attention_mask": mask}, padded=padded)["rewards"].cpu())
+        finally:
+            rm.model.train(was_training)
+        return (torch.cat(out) - rm.mean) / rm.std
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        if self.failed is not None:
+            return self.rm.score(prompts, responses)
+        if self.checked:
+            return self.fast_score(prompts, responses)
+        self.checked = True
+        expected = self.rm.score(prompts, responses)
+        try:
+            got = self.fast_score(prompts, responses)
+            diff = (got - expected).abs().mean().item()
+            problem = None if diff <= 0.05 * (1.0 + expected.std().item()) else f"rewards differ by {diff:.3g}"
+        except Exception as err:  # noqa: BLE001 (the point is not to stop the run)
+            problem = f"{type(err).__name__}: {err}"
+        if problem is not None:
+            if self.strict:
+                raise RuntimeError(f"FastRewardScorer: {problem}")
+            self.failed = problem
+            warnings.warn(f"reward model: the fast scorer failed its check ({problem}); scoring with "
+                          "RewardModel.score from now on", stacklevel=2)
+        return expected
+
+    score = __call__
+
+
+def fast_reward_fn(reward_model, plain_fn, setting, graphs: bool, pool=None):
+    """The reward function PPOTrainer uses: a `FastRewardScorer` for a `RewardModel` (PPOConfig.fast_forward: "auto" =
+    on a GPU when FastDecoder can run its backbone; True = always), otherwise `plain_fn`."""
+    reward_model = getattr(plain_fn, "__self__", reward_model)       # a path was loaded into a RewardModel
+    if setting is False or plain_fn is None or not all(hasattr(reward_model, a) for a in ("model", "encode", "mean")):
+        return plain_fn
+    if setting == "auto" and next(reward_model.model.parameters()).device.type != "cuda":
+        return plain_fn
+    try:
+        return FastRewardScorer(reward_model, graphs=graphs, strict=setting is True, pool=pool)
+    except (NotImplementedError, ValueError, AttributeError) as err:
+        if setting is True:
+            raise ValueError(f"PPOConfig.fast_forward=True, but FastDecoder cannot run the reward model: "
+                             f"{err}") from err
+        return plain_fn
 
 
 def load_reward_model(name: str | os.PathLike):

@@ -38,7 +38,7 @@ from .graphs import GraphedBackward, GraphedForward, GraphPool
 from .rollout import (Rollout, ValueHead, critic_forward, disable_dropout, fix_bnb_cpu_repacking, pad_right,
                       rollout_engine_problem, sample_responses, sampling_kwargs, truncate_after_eos)
 from .sampler import DifficultySampler, PromptLoader, prepare_prompts
-from .scoring import as_reward_fn, critic_source, rule_fn, to_scores
+from .scoring import as_reward_fn, critic_source, fast_reward_fn, rule_fn, to_scores
 from .stats import log_line, rollout_stats
 
 
@@ -169,8 +169,12 @@ class PPOTrainer:
             if cfg.cuda_graphs is True:
                 raise ValueError(f"PPOConfig.cuda_graphs=True needs the model on a CUDA device, it is on {self.device}")
             graphs = False
-        # minibatches padded to bucketed lengths, forward + backward replayed from a CUDA graph (eager on a CPU)
         pool = GraphPool()                  # one memory pool for every graph: the largest one's memory, not the sum
+        # a RewardModel's backbone through FastDecoder too, when the policy's runs through it (or fast_forward=True)
+        self._plain_reward_fn = getattr(self, "_plain_reward_fn", self.reward_fn)
+        fast_rm = cfg.fast_forward if self.forward_backend == "fast" or cfg.fast_forward is True else False
+        self.reward_fn = fast_reward_fn(self.reward_model, self._plain_reward_fn, fast_rm, graphs, pool)
+        # minibatches padded to bucketed lengths, forward + backward replayed from a CUDA graph (eager on a CPU)
         self._graphed = GraphedBackward(self._graph_loss, self._params, enabled=graphs, pool=pool) \
             if graphs or cfg.length_bucket else None
         # the scoring passes too (policy + reference + values as one replay), with the value head and LoRA reference
