@@ -57,8 +57,8 @@ STACKS = {
                 "graphs; 4-bit reward model", 8, {}),
     "lessons-64": ("the same, rollout batch 64 (4 minibatches of 16): how one would run it", 64, {}),
     "lessons-no-graphs": ("lessons, update without CUDA graphs", 8, {"cuda_graphs": False}),
-    "lessons-hf-forward": ("lessons, transformers' forward (lean log-probs) instead of FastDecoder, CUDA graphs "
-                           "kept", 8, {"fast_forward": False, "cuda_graphs": True}),
+    "lessons-hf-forward": ("lessons, transformers' forward (policy: lean log-probs; reward model) instead of "
+                           "FastDecoder, CUDA graphs kept", 8, {"fast_forward": False, "cuda_graphs": True}),
     "lessons-generate": ("lessons, model.generate instead of the RolloutEngine", 8, {"fast_rollout": False}),
     "lessons-plain": ("lessons, every lever off: generate, transformers' forward, eager update", 8,
                       {"fast_rollout": False, "fast_forward": False, "cuda_graphs": False}),
