@@ -34,26 +34,32 @@ export PYTHONPATH=/tmp/site:$PWD
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 STAGES=${*:-env cuda-tests kernels train rollout reward}
 
+# stage -> (seconds allowed, command). A stage that overruns is killed and the run goes on: one call of the device
+# tool is short, and what the other stages measured must still come back.
+declare -A LIMIT=([env]=120 [cuda-tests]=300 [kernels]=240 [train]=260 [rollout]=300 [reward]=150 [ppo]=300
+                  [scale7b]=240 [scaling]=220)
+declare -A CMD=(
+  [env]='nvidia-smi; python3 -c "import torch,transformers,peft,triton; print(torch.__version__, transformers.__version__, peft.__version__, triton.__version__)"; python3 -m lessons_lib'
+  [cuda-tests]='python3 -m pytest -q -m cuda tests -p no:cacheprovider --continue-on-collection-errors -rs'
+  [kernels]='python3 kernels/bench_all.py && python3 kernels/launch_overhead.py --calls 300 --repeats 5 --out kernels/results/launch_overhead_gpu_host.md'
+  [train]="python3 benchmarks/train_step.py --stacks ${TRAIN_STACKS:-hf_peft,unsloth,lessons_graph,fast_graph,fast_graph_offload}"
+  [rollout]='python3 benchmarks/rollout.py'
+  [reward]='python3 benchmarks/reward_model_gpu.py'
+  [ppo]='python3 benchmarks/ppo_iteration.py'
+  [scale7b]='python3 benchmarks/ppo_memory.py'
+  [scaling]='python3 benchmarks/scaling.py'
+)
+
 stage() {  # stage NAME GPU
   local name=$1 gpu=$2 t0=$SECONDS
   echo "=== [$name] on GPU $gpu: start $(date +%T)"
-  case $name in
-    env)        nvidia-smi; python3 -c "import torch,transformers,peft,triton; print(torch.__version__, transformers.__version__, peft.__version__, triton.__version__)"; python3 -m lessons_lib ;;
-    cuda-tests) CUDA_VISIBLE_DEVICES=$gpu python3 -m pytest -q -m cuda tests -p no:cacheprovider --continue-on-collection-errors -rs ;;
-    kernels)    CUDA_VISIBLE_DEVICES=$gpu python3 kernels/bench_all.py
-                CUDA_VISIBLE_DEVICES=$gpu python3 kernels/launch_overhead.py --calls 300 --repeats 5 \
-                  --out kernels/results/launch_overhead_gpu_host.md ;;
-    train)      CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/train_step.py ;;
-    rollout)    CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/rollout.py ;;
-    reward)     CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/reward_model_gpu.py ;;
-    ppo)        CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/ppo_iteration.py ;;
-    scale7b)    CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/ppo_memory.py ;;
-    scaling)    python3 benchmarks/scaling.py ;;
-    *)          echo "unknown stage $name" ;;
-  esac > "$W/logs/$name.log" 2>&1
+  if [ -z "${CMD[$name]:-}" ]; then echo "unknown stage $name"; return; fi
+  if [ "$name" = scaling ]; then visible=$(seq -s, 0 $((NGPU - 1))); else visible=$gpu; fi
+  CUDA_VISIBLE_DEVICES=$visible timeout -k 10 "${LIMIT[$name]}" bash -c "${CMD[$name]}" > "$W/logs/$name.log" 2>&1
   local rc=$?
   mkdir -p "$W/benchmarks" "$W/kernels"; cp -r benchmarks/results "$W/benchmarks/"; cp -r kernels/results "$W/kernels/" 2>/dev/null
-  echo "=== [$name] done in $((SECONDS - t0)) s (rc $rc)"; tail -n 25 "$W/logs/$name.log"
+  echo "=== [$name] done in $((SECONDS - t0)) s (rc $rc$([ $rc = 124 ] && echo ', killed at its time limit'))"
+  tail -n 25 "$W/logs/$name.log"
 }
 
 # Stages whose numbers depend on the host CPU being quiet (launch-bound training steps), or that need every GPU,
