@@ -9,7 +9,7 @@
 #
 # With two GPUs, stages run in two parallel lanes (one per GPU) so one call measures more. A detached run
 # outlives the 10-minute limit of one device call as long as the next call comes before the machine is given
-# back. Every stage writes under benchmarks/results/ or kernels/results/; after each stage those folders are
+# back. Every stage writes under benchmarks/results/ or kernels/results/; after each stage the files it wrote there are
 # copied to $W (outside the checkout, which the next call re-syncs) and packed from there.
 # Wheels for what the GPU image lacks (bitsandbytes, liger-kernel, trl 1.12 + datasets, Unsloth and its
 # dependencies) travel in .whl/ (docs/GPU.md says how to fetch them). Unsloth patches transformers when it is
@@ -31,6 +31,7 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || echo "wheel install failed"
 fi
 export PYTHONPATH=/tmp/site:$PWD
+find benchmarks/results kernels/results -type f -exec md5sum {} + > "$W/synced.md5" 2>/dev/null
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 STAGES=${*:-env cuda-tests kernels train rollout reward}
 
@@ -57,7 +58,10 @@ stage() {  # stage NAME GPU
   if [ "$name" = scaling ]; then visible=$(seq -s, 0 $((NGPU - 1))); else visible=$gpu; fi
   CUDA_VISIBLE_DEVICES=$visible timeout -k 10 "${LIMIT[$name]}" bash -c "${CMD[$name]}" > "$W/logs/$name.log" 2>&1
   local rc=$?
-  mkdir -p "$W/benchmarks" "$W/kernels"; cp -r benchmarks/results "$W/benchmarks/"; cp -r kernels/results "$W/kernels/" 2>/dev/null
+  # Only files that differ from what the call synced: the next device call re-syncs the checkout, which puts the
+  # committed (older) results back, and copying those would overwrite what an earlier call measured.
+  find benchmarks/results kernels/results -type f -exec md5sum {} + 2>/dev/null | grep -vxF -f "$W/synced.md5" |
+    while read -r _ f; do mkdir -p "$W/$(dirname "$f")"; cp "$f" "$W/$f"; done
   echo "=== [$name] done in $((SECONDS - t0)) s (rc $rc$([ $rc = 124 ] && echo ', killed at its time limit'))"
   tail -n 25 "$W/logs/$name.log"
 }
