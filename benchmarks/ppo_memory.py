@@ -54,6 +54,10 @@ SIZES = {  # name -> (architecture, config, GPU size to fit in, GiB)
                                  tie_word_embeddings=False, rope_theta=1e4, rms_norm_eps=1e-5,
                                  max_position_embeddings=4096), 48),
 }
+# RolloutEngine options beyond the default budget rule. Llama-2-13B has no grouped-query attention: its KV cache for
+# 64 x 192 tokens is 10 GiB on top of the dense layers' 12 GiB, so at 48 GiB the engine frees both after each
+# rollout (keep_weights=False; rebuilt at the next rollout) and the update gets the memory.
+ENGINE = {"qwen2-7b": {}, "llama2-13b": {"keep_weights": False}}
 TINY = {  # --quick: the same code on CPU
     "qwen2-7b": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
@@ -178,6 +182,7 @@ def worker(args):
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
         # the engine's default budget rule, on a GPU of `cap` bytes: min(half the free memory, a quarter of the GPU)
         engine_options["max_extra_memory"] = int(min(0.5 * (cap - torch.cuda.memory_reserved()), 0.25 * cap))
+        engine_options.update(ENGINE[args.worker])
         r["engine_budget_gib"] = engine_options["max_extra_memory"] / gib
         torch.cuda.reset_peak_memory_stats()
     mb = min(8, args.batch)
@@ -323,7 +328,9 @@ def report(args, results: dict, env: dict, elapsed: float):
         if r.get("holds_gib"):
             held = ", ".join(f"{k} {v:.2f}" for k, v in r["holds_gib"].items())
             notes.append(f"- {name}: holds (GiB) {held}; engine {r.get('engine_dense_layers')} layers dense within "
-                         f"a budget of {r.get('engine_budget_gib', 0):.2f} GiB; forward {r['forward_backend']}; "
+                         f"a budget of {r.get('engine_budget_gib', 0):.2f} GiB"
+                         f"{'' if ENGINE.get(name, {}).get('keep_weights', True) else ', freed after each rollout'}; "
+                         f"forward {r['forward_backend']}; "
                          f"update graphs captured: {r.get('update_graphs')}; set-up {r['setup_s']:.0f} s; "
                          f"config {r['config']}")
     command = "python3 benchmarks/ppo_memory.py " + " ".join(sys.argv[1:])

@@ -212,7 +212,7 @@ def _time_collectives(trainer, device) -> list:
     spent: list[float] = []
     if trainer.dist is None:
         return spent
-    for name in ("sum_gradients", "token_share"):
+    for name in ("sum_gradients", "token_shares"):
         original = getattr(trainer.dist, name)
 
         def timed(*a, _original=original, **kw):

@@ -353,3 +353,26 @@ def test_exports_of_a_4bit_lora_model_on_cuda(tmp_path):
     pytest.importorskip("gguf")
     result = save_gguf(model, tokenizer, tmp_path / "gguf", out_type="bf16")
     assert result.checks["rel_diff"] <= TOLERANCE[torch.bfloat16]
+
+
+def test_pre_tokenizer_names_for_llama_cpp():
+    """Our split-regex table names Qwen2 and Llama 3 style tokenizers as llama.cpp does, and equals the table
+    transformers keeps for reading GGUF files back."""
+    from lessons_lib.export.gguf_file import PRE_TOKENIZER_SPLITS, _pre_tokenizer_name
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+
+    theirs = getattr(mapping, "GGUF_PRE_TOKENIZER_SPLITS", None)
+    if theirs is not None:  # present in transformers >= 5.2x; the CI pin has it
+        for name, regex in PRE_TOKENIZER_SPLITS.items():
+            assert theirs[name] == regex, name
+
+    def spec(regex):
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated"},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}}
+
+    assert _pre_tokenizer_name(spec(PRE_TOKENIZER_SPLITS["qwen2"])) == "qwen2"
+    assert _pre_tokenizer_name(spec(PRE_TOKENIZER_SPLITS["llama-bpe"])) == "llama-bpe"
+    assert _pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
+    with pytest.raises(NotImplementedError, match="unknown pre-tokenizer"):
+        _pre_tokenizer_name(spec(r"\s+"))

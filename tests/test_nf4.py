@@ -203,6 +203,41 @@ def explain_bitsandbytes_cuda_codes(w, ours_packed, bnb_packed, bnb_absmax, bloc
     return int(zero.sum()), int(edge.sum())
 
 
+def explain_bitsandbytes_cuda_absmax(absmax, ours: NF4State, theirs: NF4State):
+    """Double quantization of the fp32 `absmax` (n_blocks,) on CUDA: bitsandbytes' kernel picks the nearest 8-bit
+    code, our (CPU-equal) path a lookup that is nearest or its neighbour. Same offset and per-256 scales; every
+    8-bit value theirs is at least as near as ours, and the two are the same or adjacent codes."""
+    torch.testing.assert_close(ours.absmax_offset.cpu(), theirs.absmax_offset.cpu(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours.absmax_scale.cpu(), theirs.absmax_scale.cpu(), rtol=1e-6, atol=0)
+    code = theirs.absmax_code.cpu().float()
+    assert torch.equal(ours.absmax_code.cpu().float(), code)
+    block = torch.arange(absmax.numel()) // theirs.absmax_blocksize
+    exact = (absmax.cpu().double() - theirs.absmax_offset.cpu().double()) / theirs.absmax_scale.cpu().double()[block]
+    mine, bnb = code[ours.absmax_q.cpu().long()].double(), code[theirs.absmax_q.cpu().long()].double()
+    assert ((bnb - exact).abs() <= (mine - exact).abs() + 1e-6).all(), "bitsandbytes' 8-bit code is not the nearest"
+    rank = torch.argsort(torch.argsort(code))  # position of each code in sorted order
+    apart = (rank[ours.absmax_q.cpu().long()] - rank[theirs.absmax_q.cpu().long()]).abs()
+    assert (apart <= 1).all(), f"{int((apart > 1).sum())} 8-bit absmax codes more than one step apart"
+    return int((apart == 1).sum())
+
+
+def test_cuda_absmax_explanation_can_fail():
+    """The double-quantization check above accepts our own state and rejects a code two steps off."""
+    gen = torch.Generator().manual_seed(3)
+    w = random_weight((64, 256), torch.float32, gen)
+    _, state = quantize_nf4(w, blocksize=64, double_quant=True)
+    absmax = quantize_nf4(w, blocksize=64, double_quant=False)[1].absmax
+    assert explain_bitsandbytes_cuda_absmax(absmax, state, state) == 0
+    code = state.absmax_code.float()
+    order = torch.argsort(code)
+    rank = torch.argsort(order)
+    bad_q = state.absmax_q.clone()
+    bad_q[5] = order[(rank[bad_q[5].long()] + 2).clamp(max=255)].to(bad_q.dtype)
+    from dataclasses import replace
+    with pytest.raises(AssertionError):
+        explain_bitsandbytes_cuda_absmax(absmax, replace(state, absmax_q=bad_q), state)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_bitsandbytes_on_cuda(dtype):
@@ -215,13 +250,13 @@ def test_matches_bitsandbytes_on_cuda(dtype):
         packed, state = quantize_nf4(w, blocksize=64, double_quant=False)
         ref_packed, ref_state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
         assert torch.equal(state.absmax, ref_state.absmax)
+        ref_absmax = ref_state.absmax
         zero, edge = explain_bitsandbytes_cuda_codes(w, packed, ref_packed, ref_state.absmax, 64)
         print(f"{shape} {dtype}: {zero} codes differ in all-zero blocks, {edge} on a midpoint, of {w.numel()}")
         out = dequantize_nf4(ref_packed, NF4State.from_bnb(ref_state))
         assert torch.equal(out, bnb_f.dequantize_4bit(ref_packed, ref_state).reshape(shape))
         packed, state = quantize_nf4(w, blocksize=64, double_quant=True)
         ref_packed, ref_state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        ref_scales = NF4State.from_bnb(ref_state).scales()
-        torch.testing.assert_close(state.scales(), ref_scales, rtol=0.02, atol=1e-6)
+        explain_bitsandbytes_cuda_absmax(ref_absmax, state, NF4State.from_bnb(ref_state))
         out = dequantize_nf4(ref_packed, NF4State.from_bnb(ref_state))
         assert torch.equal(out, bnb_f.dequantize_4bit(ref_packed, ref_state).reshape(shape))

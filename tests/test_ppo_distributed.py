@@ -9,7 +9,7 @@ each process saw; the tests replay the same global batches in this process with 
 - the full loop (sharded dataloader, per-process sampling seeds, dynamic difficulty, rule rewards): the union of
   the processes' prompts is the one-process batch, the samplers stay identical, parameters and stats equal;
 - checkpoints: written once; resumed on two processes the run continues exactly; resumed on one process it equals
-  the one-process replay; a NaN reward on one process stops both.
+  the one-process replay; a NaN reward, or a NaN loss, on one process stops both.
 Rollouts differ by design between one and two processes (different sampling seeds), so the replays feed the
 two-process responses to the one-process trainer.
 """
@@ -129,6 +129,24 @@ def worker(out: Path) -> None:
         loop["nan"] = "no error"
     except NonFiniteError as err:
         loop["nan"] = str(err)
+
+    queries, responses, scores = fixed_batch(tok, LOOP["batch_size"], 1)   # a NaN loss on process 1 only
+    if dist.rank == 1:
+        original, calls = resumed._minibatch_loss, []
+
+        def poisoned(roll, idx):
+            loss, stats = original(roll, idx)
+            calls.append(1)
+            return (loss * float("nan") if len(calls) == 2 else loss), stats
+        resumed._minibatch_loss = poisoned
+    before = trainable(resumed)
+    try:
+        n = LOOP["batch_size"] // WORLD
+        resumed.step(queries[:n], responses[:n], rewards=scores[dist.rank * n:(dist.rank + 1) * n])
+        loop["nan_loss"] = "no error"
+    except NonFiniteError as err:
+        loop["nan_loss"] = str(err)
+    loop["nan_loss_changed"] = {k: not torch.equal(v, before[k]) for k, v in trainable(resumed).items()}
     result["loop"] = loop
     result["fsdp"] = fsdp_probe(tok, dist.rank)
     result["mismatch"] = mismatched_models(tok, dist)
@@ -353,6 +371,17 @@ def test_a_nan_reward_on_one_process_stops_both(launched):
     results, _ = launched
     for rank, r in enumerate(results):
         assert "non-finite reward" in r["loop"]["nan"] and "[4]" in r["loop"]["nan"], (rank, r["loop"]["nan"])
+
+
+def test_a_nan_loss_on_one_process_stops_both_at_the_same_optimizer_step(launched):
+    """Process 1's second minibatch loss is NaN: its count rides along with the gradient sum, so both processes stop
+    before that optimizer step (the first one, on finite losses, was applied on both)."""
+    results, _ = launched
+    messages = [r["loop"]["nan_loss"] for r in results]
+    assert "non-finite loss on another process in PPO epoch 1" in messages[0], messages[0]
+    assert "non-finite loss in PPO epoch 1, minibatch 2" in messages[1], messages[1]
+    assert results[0]["loop"]["nan_loss_changed"] == results[1]["loop"]["nan_loss_changed"]
+    assert any(results[0]["loop"]["nan_loss_changed"].values())      # the first optimizer step was taken
 
 
 def test_fsdp_building_blocks_work_and_the_trainer_refuses_a_sharded_model(launched):

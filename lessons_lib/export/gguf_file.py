@@ -115,10 +115,18 @@ def _encode(array: np.ndarray, out_type: str):
 # --------------------------------------------------------------------------------------------- the tokenizer
 
 
+# The split regexes of the two byte-level BPE families this exporter names, as they appear in the models'
+# tokenizer.json (a `Split` before a regex-free `ByteLevel`), keyed by llama.cpp's `tokenizer.ggml.pre` name.
+# They differ in one place: Qwen2 splits digits one by one (\p{N}), Llama 3 in runs of up to three (\p{N}{1,3}).
+# (Our own table: transformers keeps a similar one, but privately, and it is not in every 5.x release.)
+PRE_TOKENIZER_SPLITS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
 def _pre_tokenizer_name(spec: dict) -> str:
     """llama.cpp's name for how this byte-level BPE splits text before merging (`tokenizer.ggml.pre`)."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
     pre = spec.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
@@ -128,12 +136,9 @@ def _pre_tokenizer_name(spec: dict) -> str:
         return "smollm"  # digits one by one, then GPT-2's split
     if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
         regex = parts[0].get("pattern", {}).get("Regex")
-        names = [n for n, r in GGUF_PRE_TOKENIZER_SPLITS.items() if r == regex]
-        for preferred in ("qwen2", "llama-bpe"):
-            if preferred in names:
-                return preferred
-        if names:
-            return names[0]
+        for name, split in PRE_TOKENIZER_SPLITS.items():
+            if regex == split:
+                return name
     raise NotImplementedError(f"unknown pre-tokenizer {json.dumps(pre)[:200]}: cannot name it for llama.cpp")
 
 

@@ -19,7 +19,7 @@ sums the gradients itself, once per optimizer step. The config describes the *al
   5. runs the PPO epochs on its rows in minibatches of mini_batch_size / N (one shuffle, the same on every process);
      global minibatch k is the union of every process's minibatch k. Each process weights its loss by its share of
      the minibatch's tokens, and before every optimizer step the gradients are summed across processes, so every
-     process takes the single-process step over that union        (`token_share`, `sum_gradients`, then clipping)
+     process takes the single-process step over that union       (`token_shares`, `sum_gradients`, then clipping)
   6. reports statistics of the global batch, reduced from sums and counts (a per-token mean is weighted by token
      counts, a variance combines means and second moments); only `time/*` stay per process   (`rollout_stats`)
   7. feeds every process's (prompt, score, entropy) to the sampler, the scores to the running normalisation and the
@@ -223,22 +223,26 @@ class DistributedContext:
         return whitened * mask.to(x.dtype)
 
     # ------------------------------------------------------------------------------------------ step 9: the update
-    def token_share(self, mask: torch.Tensor, finite: bool) -> tuple[float, bool]:
-        """This process's share of a global minibatch's tokens, and whether every process's loss is finite.
+    def token_shares(self, counts: torch.Tensor) -> torch.Tensor:
+        """This process's share of every global minibatch's tokens: counts (minibatches,) -> n_r / n (float64, CPU).
 
         A process's loss is a mean over its own tokens; the single-process loss is the mean over all of them, so
         process r's loss gets the weight n_r / n and the gradients are then *summed*. (With equal token counts the
-        weight is 1/N: the usual gradient average.) One all-reduce carries the counts and a non-finite flag, so
-        every process stops together when any one meets a NaN.
+        weight is 1/N: the usual gradient average.) The minibatches of a whole update are known after the shuffle,
+        so one all-reduce carries all their counts.
         """
-        n_local = float(mask.sum())
-        n, bad = self.all_reduce(torch.tensor([n_local, 0.0 if finite else 1.0])).tolist()
-        return n_local / n, bad == 0
+        local = counts.detach().double().cpu()
+        total = self.all_reduce(local).cpu()
+        if (total == 0).any():
+            raise ValueError("token_shares: a global minibatch has no response token on any process")
+        return local / total
 
     @torch.no_grad()
-    def sum_gradients(self, params, bucket_numel: int = 1 << 24) -> None:
+    def sum_gradients(self, params, nonfinite: int = 0, bucket_numel: int = 1 << 24) -> int:
         """Sum every trainable parameter's gradient over the processes, in place, in flat buckets of up to
-        `bucket_numel` values (one all-reduce per bucket instead of one per tensor, as DDP's buckets)."""
+        `bucket_numel` values (one all-reduce per bucket instead of one per tensor, as DDP's buckets). This
+        process's count of non-finite losses rides along in the last bucket; returns the count over all processes,
+        so every process stops together when any one meets a NaN."""
         import torch.distributed as dist
 
         grads = []
@@ -246,19 +250,25 @@ class DistributedContext:
             if p.grad is None:            # every process must send the same layout
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        bucket, size = [], 0
+        bucket, size, total_bad = [], 0, 0
         for i, g in enumerate(grads):
             bucket.append(g)
             size += g.numel()
             last = i == len(grads) - 1
             if last or size >= bucket_numel or grads[i + 1].dtype != g.dtype or grads[i + 1].device != g.device:
-                flat = torch.cat([t.reshape(-1) for t in bucket]).to(self.device)
+                parts = [t.reshape(-1) for t in bucket]
+                if last:
+                    parts.append(torch.full((1,), float(nonfinite), dtype=g.dtype, device=g.device))
+                flat = torch.cat(parts).to(self.device)
                 dist.all_reduce(flat)
                 offset = 0
                 for t in bucket:
                     t.copy_(flat[offset:offset + t.numel()].view_as(t))
                     offset += t.numel()
+                if last:
+                    total_bad = int(flat[-1].item())
                 bucket, size = [], 0
+        return total_bad
 
     def reduce_update_stats(self, collected: dict, tokens: list[float]) -> dict:
         """The update's statistics for the global batch: each minibatch statistic (a token mean on this process) is

@@ -89,10 +89,12 @@ class FastPaths:
 
         return {"kernels": "triton"} if self.device.type == "cuda" and HAS_TRITON else {}
 
-    def _graph_loss(self, temperature: float, padded: bool, **minibatch):
-        """What `GraphedBackward` runs and differentiates: the minibatch loss / gradient_accumulation_steps."""
+    def _graph_loss(self, temperature: float, padded: bool, weight: torch.Tensor | None = None, **minibatch):
+        """What `GraphedBackward` runs and differentiates: the minibatch loss / gradient_accumulation_steps, times
+        this process's token share `weight` (a 0-d tensor, an input of the graph) when several processes train."""
         loss, stats = self._loss(**minibatch, temperature=temperature, padded=padded)
-        return loss / self.config.gradient_accumulation_steps, stats
+        loss = loss / self.config.gradient_accumulation_steps
+        return (loss if weight is None else loss * weight), stats
 
     def _static_rows(self, roll: Rollout) -> tuple[dict, bool]:
         """The rollout's tensors widened to lengths rounded up to `length_bucket` (32 by default), so that every

@@ -396,36 +396,45 @@ class PPOTrainer(FastPaths):
         collected = defaultdict(list)
         bar = tqdm(total=cfg.ppo_epochs * cfg.num_mini_batches, desc=f"ppo step {self.current_step + 1}", unit="mb", leave=False,
                    disable=not cfg.progress)
-        static, padded = self._static_rows(roll) if self._graphed is not None and self.dist is None else (None, True)
+        static, padded = self._static_rows(roll) if self._graphed is not None else (None, True)
+        orders = [torch.randperm(B, generator=self.shuffle_generator).to(self.device) for _ in range(cfg.ppo_epochs)]
+        starts = [(epoch, mb_start) for epoch in range(cfg.ppo_epochs) for start in range(0, B, bbs)
+                  for mb_start in range(start, start + bbs, mb)]
+        if self.dist is not None:             # weight: this process's share of each global minibatch's tokens
+            counts = torch.stack([roll.response_mask[orders[e][i:i + mb]].sum() for e, i in starts])
+            tokens, shares = counts.tolist(), self.dist.token_shares(counts).tolist()
+        n_mb = 0                              # minibatches so far: the index into starts and shares
         self.model.train()
         with bar:
             for epoch in range(cfg.ppo_epochs):
-                order = torch.randperm(B, generator=self.shuffle_generator).to(self.device)
+                order, bad = orders[epoch], None
                 for start in range(0, B, bbs):
                     self.optimizer.zero_grad(set_to_none=static is None)   # graphs keep writing into the same .grad
                     for mb_start in range(start, start + bbs, mb):
                         idx = order[mb_start:mb_start + mb]
+                        weight = 1.0 if self.dist is None else shares[n_mb]
+                        n_mb += 1
                         if static is not None:        # forward + backward: one CUDA graph replay (graphs.py)
-                            loss, stats = self._graphed({k: v[idx] for k, v in static.items()},
-                                                        temperature=self.sampling_temperature, padded=padded)
+                            batch = {key: v[idx] for key, v in static.items()}
+                            if self.dist is not None:  # a graph input, so one graph serves every weight
+                                batch["weight"] = torch.tensor(weight, dtype=torch.float32, device=self.device)
+                            loss, stats = self._graphed(batch, temperature=self.sampling_temperature, padded=padded)
                         else:
                             loss, stats = self._minibatch_loss(roll, idx)
-                        finite = bool(torch.isfinite(loss))
-                        if self.dist is not None:     # weight: this process's share of the minibatch's tokens
-                            share, finite = self.dist.token_share(roll.response_mask[idx], finite)
-                            loss = loss * share
-                            tokens.append(float(roll.response_mask[idx].sum()))
-                        if not finite:
-                            self._stop(f"loss in PPO epoch {epoch + 1}, minibatch {mb_start // mb + 1}"
-                                       f" ({', '.join(f'{k}={float(v):.4g}' for k, v in stats.items() if 'loss' in k)})",
-                                       during_update=True)
+                            loss = loss * weight
+                        if not bool(torch.isfinite(loss)):
+                            bad = bad or (f"loss in PPO epoch {epoch + 1}, minibatch {mb_start // mb + 1}"
+                                          f" ({', '.join(f'{k}={float(v):.4g}' for k, v in stats.items() if 'loss' in k)})")
+                            if self.dist is None:
+                                self._stop(bad, during_update=True)
                         if static is None:
                             (loss / cfg.gradient_accumulation_steps).backward()
                         for key, value in stats.items():
                             collected[key].append(value)
                         bar.update(1)
-                    if self.dist is not None:         # sum the weighted gradients before clipping
-                        self.dist.sum_gradients(self._params)
+                    if self.dist is not None:         # sum the weighted gradients before clipping; stop together
+                        if self.dist.sum_gradients(self._params, nonfinite=int(bad is not None)):
+                            self._stop(bad or f"loss on another process in PPO epoch {epoch + 1}", during_update=True)
                     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
                     grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
                     if not torch.isfinite(grad_norm):
