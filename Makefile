@@ -33,6 +33,8 @@ help:
 	@echo "make test-browser opt-in: JupyterLab in headless Chromium, lesson 04's PPO stepper clicked (screenshot)"
 
 $(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else \
+		"lessons_lib needs Python 3.11 or newer; this is " + sys.version.split()[0] + ": run make PYTHON=python3.11 ...")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
