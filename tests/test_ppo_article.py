@@ -103,9 +103,9 @@ def test_article_listing_runs_as_written(tmp_path, monkeypatch, capsys):
     # 在训练循环中注入
     rewards = [r + custom_reward(tokenizer.decode(r)) for r in response_tensors]
     assert rewards[0].dtype == torch.float32 and rewards[0].shape == response_tensors[0].shape
-    if any(len(r) > 1 for r in response_tensors):
-        with pytest.raises(ValueError, match="section 5.1"):
-            ppo_trainer.step(queries=query_tensors, responses=response_tensors, rewards=rewards)
+    assert any(len(r) > 1 for r in response_tensors)     # the mistake is only detectable on a multi-token response
+    with pytest.raises(ValueError, match="section 5.1"):
+        ppo_trainer.step(queries=query_tensors, responses=response_tensors, rewards=rewards)
     # ... and what it meant: a rule reward on top of the reward model (the hybrid reward)
     hybrid = PPOTrainer(config=ppo_config, model=model, tokenizer=tokenizer, dataset=dataset,
                         reward_model="tiny-qwen2-reward", reward_fns=[(custom_reward, 1.0)])

@@ -46,6 +46,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
     With `dim`, the mean along that axis (every slice must have at least one real position).
     Raises ValueError on an all-zero mask instead of returning NaN.
+    Source: TRL's `masked_mean` (trl/core.py, 0.x); every per-token PPO statistic is one of these.
     """
     mask = _check_mask(x, mask, "masked_mean")
     if dim is None:
@@ -60,6 +61,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     """Variance of `x` over the masked positions: mean((x - mean(x))^2), times n/(n-1) when `unbiased`.
 
     Bessel's correction needs n >= 2 real positions; with n = 1 an unbiased variance is undefined and we raise.
+    Source: TRL's `masked_var` (trl/core.py, 0.x), which applies the same n/(n-1) correction.
     """
     mask = _check_mask(x, mask, "masked_var")
     mean = masked_mean(x, mask)
