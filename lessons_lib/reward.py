@@ -2,6 +2,7 @@
 
     rm = RewardModel.from_backbone("tiny-qwen2-sft")               # any causal LM; LoRA / 4-bit optional
     history = train_reward_model(rm, load_instruction_data(data_file("preferences")))
+    rm.fit_normalization_on_policy(sft_model, sft_tokenizer, prompts)  # mean 0, std 1 on the policy's samples
     rm.score(["Write a bullet list of two cats."], ["- cat\\n- dog"])   # (B,) normalised rewards
     rm.save("my-rm"); rm = RewardModel.from_pretrained("my-rm")    # keeps the normalisation statistics
 
@@ -13,8 +14,11 @@ hidden state of the **last real token** (the end-of-turn token), wherever paddin
 - scores (`instruction`, `response`, `score`): regression of r on the standardised score.
 
 Details from "The N Implementation Details of RLHF with PPO" (Huang et al., 2022) [N]: the head starts as
-N(0, 1/sqrt(H+1)) with no bias, and the rewards are normalised to mean 0, std 1 on the training responses, the
-statistics stored with the model. Rule rewards and the hybrid combinator live in `lessons_lib.rewards_rules`.
+N(0, 1/sqrt(H+1)) with no bias, and the rewards are normalised to mean 0, std 1 on responses sampled from the
+policy PPO starts from (`fit_normalization_on_policy`; `train_reward_model(..., policy=sft_model)`), the
+statistics stored with the model. Trained without a policy, the normalisation falls back to the training
+responses (chosen and rejected, or the scored ones), whose mean and spread can differ from the policy's.
+Rule rewards and the hybrid combinator live in `lessons_lib.rewards_rules`.
 """
 
 from __future__ import annotations
@@ -203,6 +207,41 @@ class RewardModel:
         self.mean, self.std = raw.mean().item(), max(raw.std().item(), 1e-6)
         return self.mean, self.std
 
+    def fit_normalization_on_policy(self, policy, tokenizer, prompts: list[str], samples_per_prompt: int = 1,
+                                    temperature: float = 0.7, max_new_tokens: int = 128, batch_size: int = 64,
+                                    seed: int = 0, progress: bool = True) -> tuple[float, float]:
+        """Normalise on the policy's own answers: sample, score, set mean/std [N]; returns (mean, std).
+
+        For each prompt (a raw instruction) `samples_per_prompt` responses y ~ policy(. | x) are sampled with the
+        policy's chat template (`tokenizer`: the policy's), left-padded, at `temperature` with no top-k / top-p
+        (PPO's rollout law; the defaults are `PPOConfig`'s), cut at EOS or after `max_new_tokens`, and decoded
+        without special tokens, as PPOTrainer passes them to the reward model. With the N raw rewards r_i:
+
+            mean = (1/N) sum_i r_i,   std = sqrt(1/(N-1) sum_i (r_i - mean)^2),   score = (r - mean) / std
+
+        so at the start of PPO the policy's rewards have mean 0 and std 1, whatever the offset and scale training
+        left: a KL coefficient or a rule weight means the same for every reward model. Source: Huang et al., "The
+        N Implementation Details of RLHF with PPO" (2022), reward normalisation, following Ziegler et al.,
+        "Fine-Tuning Language Models from Human Preferences" (2019), who normalise on samples of the initial policy.
+
+        Deterministic given `seed` (the caller's random state is left as it was) on the same machine and number
+        of threads. `progress`: a tqdm bar over the sampling batches.
+        """
+        from lessons_lib.tiny.measure import sample_responses
+
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("fit_normalization_on_policy: no prompts")
+        if samples_per_prompt < 1:
+            raise ValueError(f"fit_normalization_on_policy: samples_per_prompt must be >= 1, got {samples_per_prompt}")
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            answers = sample_responses(policy, tokenizer, prompts, num_samples=samples_per_prompt,
+                                       temperature=temperature, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, seed=seed, progress=progress)
+        return self.fit_normalization([p for p in prompts for _ in range(samples_per_prompt)],
+                                      [a for group in answers for a in group])
+
 
 def _load_classifier(source: str, tokenizer, dtype=None, load_in_4bit: bool = False):
     """A one-label sequence classifier on `source`'s backbone, on the GPU if there is one (NF4 if asked)."""
@@ -312,9 +351,15 @@ class RewardTrainingConfig:
     margin_column: str | None = None
     """preference mode: a column whose value r_c - r_r should exceed (e.g. a rating difference); None: 0"""
     seed: int = 0
-    """seeds the batch order"""
+    """seeds the batch order (and the policy samples of the normalisation)"""
     progress: bool = True
     """show a tqdm progress bar"""
+    norm_samples_per_prompt: int = 1
+    """normalisation on a policy: responses sampled per distinct training prompt"""
+    norm_temperature: float = 0.7
+    """normalisation on a policy: sampling temperature (use PPO's)"""
+    norm_max_new_tokens: int = 128
+    """normalisation on a policy: response length limit (use PPO's)"""
 
 
 def data_mode(data) -> str:
@@ -346,9 +391,17 @@ def _batch_rewards(rm: RewardModel, rows: list[dict], mode: str):
 
 
 def train_reward_model(rm: RewardModel, train_data, eval_data=None, config: RewardTrainingConfig | None = None,
-                       mode: str | None = None) -> dict:
+                       mode: str | None = None, policy=None, policy_tokenizer=None,
+                       normalization_prompts: list[str] | None = None) -> dict:
     """Train `rm` in place (Bradley-Terry on preferences, regression on scores: picked from the data), then set its
-    normalisation on the training responses. Returns {"mode", "loss" (per step), "eval" (metrics or None)}."""
+    normalisation. Returns {"mode", "loss" (per step), "eval" (metrics or None)}.
+
+    Normalisation [N]: with `policy` (the model PPO will start from, usually the SFT model; `policy_tokenizer`
+    defaults to the reward model's), on responses sampled from it (`RewardModel.fit_normalization_on_policy`,
+    `config.norm_*` settings, seed `config.seed`) for `normalization_prompts` (default: the distinct training
+    prompts; pass PPO's prompts when they differ). Without a policy it falls back to the training responses (chosen
+    and rejected, or the scored responses): mean 0 / std 1 there, not necessarily on what the policy writes.
+    """
     from tqdm.auto import tqdm
 
     cfg = config or RewardTrainingConfig()
@@ -392,11 +445,18 @@ def train_reward_model(rm: RewardModel, train_data, eval_data=None, config: Rewa
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     rm.model.eval()
-    if mode == "preference":
-        rm.fit_normalization([r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] +
-                             [r["rejected"] for r in rows])
+    prompts = [r["prompt"] for r in rows] if mode == "preference" else [r.get("instruction", r.get("prompt"))
+                                                                         for r in rows]
+    if policy is not None:
+        rm.fit_normalization_on_policy(
+            policy, policy_tokenizer or rm.tokenizer,
+            normalization_prompts if normalization_prompts is not None else list(dict.fromkeys(prompts)),
+            samples_per_prompt=cfg.norm_samples_per_prompt, temperature=cfg.norm_temperature,
+            max_new_tokens=cfg.norm_max_new_tokens, seed=cfg.seed, progress=cfg.progress)
+    elif mode == "preference":
+        rm.fit_normalization(prompts * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
     else:
-        rm.fit_normalization([r.get("instruction", r.get("prompt")) for r in rows], [r["response"] for r in rows])
+        rm.fit_normalization(prompts, [r["response"] for r in rows])
     return {"mode": mode, "loss": losses, "eval": evaluate_reward_model(rm, eval_data, mode) if eval_data else None}
 
 

@@ -169,6 +169,58 @@ def test_save_and_load_keep_weights_and_normalisation(tokenizer, tmp_path):
     torch.testing.assert_close(loaded.score(PROMPTS, RESPONSES, normalize=False), expected * rm.std + rm.mean)
 
 
+@pytest.fixture(scope="module")
+def sft_policy():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lessons_lib.tiny import resolve
+
+    folder = resolve("tiny-qwen2-sft")
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def test_normalisation_on_policy_samples(tokenizer, sft_policy):
+    """Mean 0, std 1 on the policy's own answers (sampled with the chat template), seeded, the caller's RNG kept."""
+    from lessons_lib.tiny.measure import sample_responses
+
+    policy, policy_tokenizer = sft_policy
+    prompts = [r["prompt"] for r in tiny_pairs(24, seed=31)]
+    rm = small_rm(tokenizer, seed=5)
+    state = torch.get_rng_state()
+    kwargs = dict(samples_per_prompt=2, max_new_tokens=24, batch_size=16, progress=False)
+    mean, std = rm.fit_normalization_on_policy(policy, policy_tokenizer, prompts, seed=3, **kwargs)
+    assert torch.equal(torch.get_rng_state(), state), "the caller's random state changed"
+    assert (rm.mean, rm.std) == (mean, std)
+    answers = sample_responses(policy, policy_tokenizer, prompts, num_samples=2, max_new_tokens=24, batch_size=16,
+                               seed=3)
+    z = rm.score([p for p in prompts for _ in range(2)], [a for group in answers for a in group])
+    assert abs(z.mean().item()) < 1e-4 and z.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert rm.fit_normalization_on_policy(policy, policy_tokenizer, prompts, seed=3, **kwargs) == (mean, std)
+    assert rm.fit_normalization_on_policy(policy, policy_tokenizer, prompts, seed=4, **kwargs) != (mean, std)
+    with pytest.raises(ValueError, match="no prompts"):
+        rm.fit_normalization_on_policy(policy, policy_tokenizer, [], **kwargs)
+
+
+def test_training_with_a_policy_normalises_on_its_samples(tokenizer, sft_policy):
+    """train_reward_model(policy=...) fits on the policy's answers to the distinct training prompts; without a policy
+    it falls back to the training answers."""
+    policy, policy_tokenizer = sft_policy
+    rows = tiny_pairs(32, seed=41)
+    config = RewardTrainingConfig(max_steps=2, batch_size=16, progress=False, norm_max_new_tokens=24, seed=7)
+    fallback, on_policy = small_rm(tokenizer, seed=6), small_rm(tokenizer, seed=6)
+    train_reward_model(fallback, rows, config=config)
+    train_reward_model(on_policy, rows, config=config, policy=policy, policy_tokenizer=policy_tokenizer)
+    z = fallback.score([r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    assert abs(z.mean().item()) < 1e-4 and z.std().item() == pytest.approx(1.0, abs=1e-4)
+    dataset_stats = fallback.mean, fallback.std
+    a, b = fallback.model.state_dict(), on_policy.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "the same training must give the same weights"
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    expected = fallback.fit_normalization_on_policy(policy, policy_tokenizer, prompts, max_new_tokens=24, seed=7,
+                                                    progress=False)
+    assert (on_policy.mean, on_policy.std) == expected != dataset_stats
+
+
 def test_encode_rejects_mismatched_or_empty_batches(tokenizer):
     rm = small_rm(tokenizer)
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):

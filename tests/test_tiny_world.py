@@ -178,9 +178,43 @@ def test_the_shipped_reward_model_is_sharp_on_held_out_pairs():
     m = evaluate_reward_model(rm, load_instruction_data(data_file("preferences_heldout")))
     assert m["accuracy"] >= 0.9, m
     assert m["accuracy"] == pytest.approx(meta["metrics"]["preferences_heldout"]["accuracy"], abs=1e-3)
-    train = read_jsonl(data_file("preferences"))[::10]
-    z = rm.score([r["prompt"] for r in train] * 2, [r["chosen"] for r in train] + [r["rejected"] for r in train])
-    assert abs(z.mean().item()) < 0.2 and 0.8 < z.std().item() < 1.2      # normalised on the training responses
+
+
+def test_the_shipped_reward_model_is_normalised_on_the_sft_policy(tmp_path):
+    """The stored mean/std are what the build computes on the SFT model's answers to PPO's prompts (refitted on a
+    copy: only reward_model.json changes), and fresh SFT samples (another seed) score mean ~0, std ~1."""
+    import shutil
+
+    from lessons_lib.ppo import PPOConfig
+    from lessons_lib.ppo.tiny import training_prompts
+    from lessons_lib.reward import RewardModel
+    from lessons_lib.tiny.build import (RM_NORM_MAX_NEW_TOKENS, RM_NORM_TEMPERATURE, load_sft_policy,
+                                        normalize_reward_model, policy_prompts)
+    from lessons_lib.tiny.measure import sample_responses
+
+    ppo = PPOConfig.tiny()
+    assert (RM_NORM_TEMPERATURE, RM_NORM_MAX_NEW_TOKENS) == (ppo.temperature, ppo.max_new_tokens)
+    prompts = policy_prompts()
+    assert prompts == list(training_prompts()["instruction"])
+    shipped = resolve("tiny-qwen2-reward")
+    copy = shutil.copytree(shipped, tmp_path / "rm")
+    meta = json.loads((shipped / "reward_model.json").read_text())
+    mean, std = normalize_reward_model(copy, progress=False)
+    assert mean == pytest.approx(meta["mean"], abs=0.05) and std == pytest.approx(meta["std"], abs=0.05)
+    refitted = json.loads((copy / "reward_model.json").read_text())
+    assert {k: v for k, v in refitted.items() if k not in ("mean", "std")} == \
+        {k: v for k, v in meta.items() if k not in ("mean", "std")}
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in shipped.iterdir())
+    for f in shipped.iterdir():
+        if f.name != "reward_model.json":
+            assert (copy / f.name).read_bytes() == f.read_bytes(), f.name
+    rm = RewardModel.from_pretrained("tiny-qwen2-reward")
+    policy, tok = load_sft_policy()
+    sub = prompts[::3]
+    answers = sample_responses(policy, tok, sub, temperature=RM_NORM_TEMPERATURE,
+                               max_new_tokens=RM_NORM_MAX_NEW_TOKENS, seed=1)
+    z = rm.score(sub, [a[0] for a in answers])
+    assert abs(z.mean().item()) < 0.15 and 0.85 < z.std().item() < 1.15, (z.mean().item(), z.std().item())
 
 
 def test_load_model_takes_tiny_ids():
@@ -195,3 +229,11 @@ def test_model_folders_carry_the_tokenizer_files_unchanged():
     for name in ("tiny-qwen2-sft", "tiny-qwen2-reward"):
         for f in (tiny_dir() / "tokenizer").iterdir():
             assert (resolve(name) / f.name).read_bytes() == f.read_bytes(), (name, f.name)
+
+
+def test_build_only_names_known_models():
+    from lessons_lib.tiny.build import MODEL_ORDER, build_all
+
+    assert MODEL_ORDER == tuple(tiny.MODELS)[:3]
+    with pytest.raises(ValueError, match="unknown model"):
+        build_all(only=["tiny-qwen2-typo"])

@@ -1,4 +1,5 @@
-"""`python -m lessons_lib.tiny build [--force]` | `measure [--samples N]` | `where`: see lessons_lib/tiny/build.py."""
+"""`python -m lessons_lib.tiny build [--force] [--only NAME ...]` | `normalize-reward` | `measure [--samples N]` |
+`where`: see lessons_lib/tiny/build.py."""
 
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build the data, tokenizer, SFT model and reward model")
     build.add_argument("--force", action="store_true", help="rebuild everything, even what exists")
+    build.add_argument("--only", nargs="+", metavar="NAME", help="just these models (e.g. tiny-qwen2-ppo)")
+    sub.add_parser("normalize-reward", help="refit tiny-qwen2-reward's mean/std on the SFT policy's samples "
+                                            "(only reward_model.json changes)")
     meas = sub.add_parser("measure", help="print SFT compliance and reward-model accuracy")
     meas.add_argument("--samples", type=int, default=4, help="sampled answers per prompt (T=0.7)")
     meas.add_argument("--seed", type=int, default=0)
@@ -64,10 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         from lessons_lib.tiny.build import build_all
 
         t = time.perf_counter()
-        times = build_all(force=args.force)
+        times = build_all(force=args.force, only=args.only)
         for step, seconds in times.items():
             print(f"{step:<20} {seconds:7.1f} s")
         print(f"{'total':<20} {time.perf_counter() - t:7.1f} s  -> {tiny_dir()}")
+    elif args.command == "normalize-reward":
+        from lessons_lib.tiny.build import normalize_reward_model
+
+        t = time.perf_counter()
+        mean, std = normalize_reward_model()
+        print(f"tiny-qwen2-reward normalisation: mean {mean:.4f}, std {std:.4f} "
+              f"({time.perf_counter() - t:.1f} s) -> {tiny_dir() / 'tiny-qwen2-reward'}")
     elif args.command == "measure":
         result = measure(args.samples, args.seed)
         if args.json:

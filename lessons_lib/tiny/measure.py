@@ -19,13 +19,20 @@ from lessons_lib.tiny.tasks import FAMILIES, check
 @torch.no_grad()
 def sample_responses(model, tokenizer, instructions: list[str], num_samples: int = 1, temperature: float = 0.7,
                      do_sample: bool = True, max_new_tokens: int = 64, batch_size: int = 64,
-                     seed: int = 0) -> list[list[str]]:
-    """`num_samples` answers per instruction (chat-formatted, left-padded, stopping at EOS), as decoded text."""
+                     seed: int = 0, progress: bool = False) -> list[list[str]]:
+    """`num_samples` answers per instruction (chat-formatted, left-padded, stopping at EOS), as decoded text.
+
+    Seeds torch's global generator with `seed` first, so the same call gives the same answers on the same machine
+    (and thread count). `progress`: a tqdm bar over the batches of `batch_size` instructions.
+    """
+    from tqdm.auto import tqdm
+
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
     old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out: list[list[str]] = []
+    bar = tqdm(total=len(instructions), desc="sampling", unit="prompt", disable=not progress)
     try:
         for start in range(0, len(instructions), batch_size):
             prompts = [chat_prompt(tokenizer, x) for x in instructions[start:start + batch_size]]
@@ -37,7 +44,9 @@ def sample_responses(model, tokenizer, instructions: list[str], num_samples: int
                                   **kwargs)                                # (B * num_samples, Tq + Tr)
             texts = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             out += [texts[i:i + num_samples] for i in range(0, len(texts), num_samples)]
+            bar.update(len(prompts))
     finally:
+        bar.close()
         tokenizer.padding_side = old_side
         model.train(was_training)
     return out
