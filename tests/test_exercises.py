@@ -1,6 +1,6 @@
 """Every exercise's check is tested both ways, in a live kernel, cell by cell through the notebook:
 the student's stub and a known wrong answer must make the check fail; the reference solution must make it pass.
-The same run shows that a student copy (`make student`) executes up to its exercises."""
+tests/test_student.py executes the student copies themselves (`make student`) up to their first exercise check."""
 
 from pathlib import Path
 
