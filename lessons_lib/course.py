@@ -2,8 +2,9 @@
 
 In a notebook:
 
-    from lessons_lib.course import setup_lesson, check
-    device = setup_lesson(seed=0)        # offline hub, Triton interpreter on CPU, seeds, one summary line
+    from lessons_lib.course import pick_model, setup_lesson, check
+    MODEL = pick_model()                 # tiny world on CPU / offline / CI; Qwen2.5-0.5B-Instruct on a GPU with network
+    device = setup_lesson(seed=0, model=MODEL)   # offline hub, Triton interpreter on CPU, seeds, one summary line
     check("my kl", my_kl, reference_kl)  # prints exact / approximate / max diff; raises if wrong
 
 From the shell (see docs/DEVELOPING.md, "Notebooks"):
@@ -32,10 +33,10 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 def setup_lesson(seed: int = 0, model: str | None = None, quiet: bool = False):
     """Prepare a lesson: offline hub, Triton interpreter and one thread on CPU, seeded RNGs. Returns the device.
 
-    The hub stays offline unless `model` names a hub model (not a tiny-world id, not a local path), so a learner who
-    sets `MODEL = "Qwen/Qwen2.5-0.5B-Instruct"` on a GPU with network can download it. Call this before importing
-    `lessons_lib.kernels`: TRITON_INTERPRET is read when a kernel is *defined*. Existing environment variables win
-    (`setdefault`), so a GPU user or CI can override any of them.
+    The hub stays offline unless `model` names a hub model (not a tiny-world id, not a local path), so the hub model
+    that `pick_model` picks on a GPU with network (or that LESSONS_LIB_MODEL names) can be downloaded. Call this
+    before importing `lessons_lib.kernels`: TRITON_INTERPRET is read when a kernel is *defined*. Existing environment
+    variables win (`setdefault`), so a GPU user or CI can override any of them.
     """
     if model is None or model.startswith("tiny-") or os.path.exists(model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,6 +56,77 @@ def setup_lesson(seed: int = 0, model: str | None = None, quiet: bool = False):
         hub = "offline" if os.environ.get("HF_HUB_OFFLINE") == "1" else "online"
         print(f"device {device} · {name} · torch {torch.__version__} · hub {hub} · seed {seed}")
     return device
+
+
+TINY_MODEL = "tiny-qwen2-sft"
+HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+MODEL_ENV = "LESSONS_LIB_MODEL"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def hub_offline() -> bool:
+    """True when the environment asks for no hub downloads (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
+def in_ci() -> bool:
+    """True on a CI runner (`CI`, set by GitHub Actions, GitLab and this repository's .ci/run; or GITHUB_ACTIONS)."""
+    return _env_true("CI") or _env_true("GITHUB_ACTIONS")
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to the hub (HF_ENDPOINT, default huggingface.co, port 443) opens within `timeout` s.
+
+    The probe runs in a daemon thread that is abandoned after `timeout`, so a stalled name lookup (which a socket
+    timeout does not cover) cannot hang the caller.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def pick_model(gpu: str = HUB_MODEL, cpu: str = TINY_MODEL) -> str:
+    """The `MODEL` of a lesson's parameters cell: `gpu` (a hub model) where it can run, else `cpu` (the tiny world).
+
+    In order: the environment variable LESSONS_LIB_MODEL, when set, wins (an instructor's override: a hub id, a
+    tiny-world id or a local folder). On CI, with the hub offline (HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1, which
+    `make test` and the tests set), or without CUDA, the answer is `cpu`. On a CUDA machine the hub must answer a
+    connection within 2 s (`hub_reachable`); then the answer is `gpu`, else `cpu`.
+    """
+    override = os.environ.get(MODEL_ENV, "").strip()
+    if override:
+        return override
+    if in_ci() or hub_offline() or not cuda_available():
+        return cpu
+    return gpu if hub_reachable() else cpu
 
 
 def seed_everything(seed: int) -> None:
@@ -175,6 +247,15 @@ def sync_notebook(path: Path) -> bool:
     return after != before
 
 
+# The parameters cell of a lesson that runs on a hub model too (lessons 00-03 and 06; the skeleton of a new one).
+PARAMS_SOURCE = (
+    "# Parameters. pick_model() picks the tiny offline world on a CPU, offline or in CI, and a real instruct model on\n"
+    "# a GPU with network; LESSONS_LIB_MODEL=<hub id, tiny-world id or folder> overrides it.\n"
+    "from lessons_lib.course import pick_model\n"
+    "\n"
+    f'MODEL = pick_model(gpu="{HUB_MODEL}", cpu="{TINY_MODEL}")')
+
+
 def new_notebook(stem: str, title: str, directory: Path = NOTEBOOK_DIR) -> Path:
     """Write a notebook skeleton that follows the lesson pattern (docs/DEVELOPING.md)."""
     import nbformat
@@ -187,9 +268,7 @@ def new_notebook(stem: str, title: str, directory: Path = NOTEBOOK_DIR) -> Path:
             "**What you'll learn**", "- ...", "", "*Time: ~N min on a laptop CPU (tiny world), ~N min on a GPU.*"]),
             metadata={"tags": [BADGE_TAG]}),
         new_code_cell(setup_cell_source(), metadata={"tags": [SETUP_TAG]}),
-        new_code_cell("\n".join([
-            "# Parameters: the tiny offline world on CPU; on a GPU with network try e.g. \"Qwen/Qwen2.5-0.5B-Instruct\".",
-            "MODEL = \"tiny-qwen2-sft\""]), metadata={"tags": [PARAMS_TAG]}),
+        new_code_cell(PARAMS_SOURCE, metadata={"tags": [PARAMS_TAG]}),
         new_code_cell("from lessons_lib.course import setup_lesson, check\n\ndevice = setup_lesson(seed=0, model=MODEL)"),
     ]
     path = directory / f"{stem}.ipynb"
