@@ -95,7 +95,7 @@ def gguf_tensors(state: dict, hp: dict) -> dict[str, np.ndarray]:
             tensor = permute_for_ggml_rope(tensor, hp["n_heads"])
         elif hp["arch"] == "llama" and ".self_attn.k_proj." in name:
             tensor = permute_for_ggml_rope(tensor, hp["n_kv_heads"])
-        out[gguf_name(name)] = tensor.float().contiguous().numpy()
+        out[gguf_name(name)] = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
     return out
 
 
