@@ -376,3 +376,20 @@ def test_pre_tokenizer_names_for_llama_cpp():
     assert _pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
     with pytest.raises(NotImplementedError, match="unknown pre-tokenizer"):
         _pre_tokenizer_name(spec(r"\s+"))
+
+
+def test_tokenizer_round_trip_accepts_a_reader_that_drops_the_template_but_not_another_one():
+    """The chat template and EOS token live in the GGUF metadata (compared by check_gguf_file); a transformers reader
+    that leaves them off its tokenizer is reported, one that returns different ones is an error."""
+    from lessons_lib.export.gguf_file import check_tokenizer_round_trip
+
+    tok = load_model("tiny-qwen2-sft", load_in_4bit=False)[1]
+    assert check_tokenizer_round_trip(tok, copy.deepcopy(tok)) == {"reader_kept_chat_template": True,
+                                                                  "reader_kept_eos_token": True}
+    dropped = copy.deepcopy(tok)
+    dropped.chat_template = None
+    assert check_tokenizer_round_trip(tok, dropped)["reader_kept_chat_template"] is False
+    other = copy.deepcopy(tok)
+    other.chat_template = "{{ messages }}"
+    with pytest.raises(ExportVerificationError, match="another chat_template"):
+        check_tokenizer_round_trip(tok, other)
