@@ -378,9 +378,9 @@ def test_pre_tokenizer_names_for_llama_cpp():
         _pre_tokenizer_name(spec(r"\s+"))
 
 
-def test_tokenizer_round_trip_accepts_a_reader_that_drops_the_template_but_not_another_one():
-    """The chat template and EOS token live in the GGUF metadata (compared by check_gguf_file); a transformers reader
-    that leaves them off its tokenizer is reported, one that returns different ones is an error."""
+def test_tokenizer_round_trip_reports_what_the_reader_kept_and_rejects_another_encoding():
+    """The chat template and EOS token live in the GGUF metadata (compared by check_gguf_file); whether transformers'
+    reader carried them onto its tokenizer is reported. Encoding differently is an error."""
     from lessons_lib.export.gguf_file import check_tokenizer_round_trip
 
     tok = load_model("tiny-qwen2-sft", load_in_4bit=False)[1]
@@ -389,7 +389,11 @@ def test_tokenizer_round_trip_accepts_a_reader_that_drops_the_template_but_not_a
     dropped = copy.deepcopy(tok)
     dropped.chat_template = None
     assert check_tokenizer_round_trip(tok, dropped)["reader_kept_chat_template"] is False
-    other = copy.deepcopy(tok)
-    other.chat_template = "{{ messages }}"
-    with pytest.raises(ExportVerificationError, match="another chat_template"):
-        check_tokenizer_round_trip(tok, other)
+
+    class Shifted:  # a reader whose tokenizer encodes every text one id off
+        chat_template, eos_token = tok.chat_template, tok.eos_token
+
+        def __call__(self, text):
+            return {"input_ids": [i + 1 for i in tok(text)["input_ids"]]}
+    with pytest.raises(ExportVerificationError, match="encodes"):
+        check_tokenizer_round_trip(tok, Shifted())

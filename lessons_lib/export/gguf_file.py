@@ -286,9 +286,10 @@ def check_gguf_file(path, tensors: dict[str, np.ndarray], hp: dict, vocab: dict,
 def check_tokenizer_round_trip(original, reloaded) -> dict:
     """The tokenizer rebuilt from GGUF metadata must encode every probe text and a chat prompt exactly as before.
 
-    The chat template and EOS token are in the file (check_gguf_file compares that metadata); some transformers
-    releases (5.17) do not copy them onto the tokenizer they rebuild. Missing there is reported in the returned
-    checks; a *different* template or EOS token is an error."""
+    The chat template and EOS token are in the file: check_gguf_file compares that metadata, and is the check that
+    counts. transformers' GGUF reader does not always carry them onto the tokenizer it rebuilds (5.17 leaves the
+    template off and names <|endoftext|> as EOS where the file says <|im_end|>; 5.24 keeps both), so whether the
+    reader kept them is reported in the returned checks, not enforced."""
     from lessons_lib.data import chat_prompt
 
     texts = PROBE_TEXTS + [chat_prompt(original, PROBE_TEXTS[2]) + "answer" + original.eos_token]
@@ -297,14 +298,8 @@ def check_tokenizer_round_trip(original, reloaded) -> dict:
         if a != b:
             raise ExportVerificationError(f"tokenizer read back from GGUF encodes {text[:40]!r} as {b[:12]}..., "
                                           f"the original as {a[:12]}...")
-    checks = {}
-    for what in ("chat_template", "eos_token"):
-        got, want = getattr(reloaded, what, None), getattr(original, what)
-        if got is not None and got != want:
-            raise ExportVerificationError(f"tokenizer read back from GGUF has another {what}: {str(got)[:60]!r}, "
-                                          f"the original {str(want)[:60]!r}")
-        checks[f"reader_kept_{what}"] = got is not None
-    return checks
+    return {f"reader_kept_{what}": getattr(reloaded, what, None) == getattr(original, what)
+            for what in ("chat_template", "eos_token")}
 
 
 def save_gguf(model, tokenizer, out_dir, out_type: str = "f16", name: str | None = None, overwrite: bool = False,
