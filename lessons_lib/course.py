@@ -87,30 +87,11 @@ def cuda_available() -> bool:
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether a TCP connection to the hub (HF_ENDPOINT, default huggingface.co, port 443) opens within `timeout` s.
+    """Whether a TCP connection to the hub (HF_ENDPOINT, default huggingface.co) opens within `timeout` s
+    (`lessons_lib.models.hub_reachable`: a daemon thread, so a stalled name lookup cannot hang the notebook)."""
+    from lessons_lib.models import hub_reachable as probe
 
-    The probe runs in a daemon thread that is abandoned after `timeout`, so a stalled name lookup (which a socket
-    timeout does not cover) cannot hang the caller.
-    """
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    result = []
-
-    def probe():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
+    return probe(timeout)
 
 
 def pick_model(gpu: str = HUB_MODEL, cpu: str = TINY_MODEL) -> str:

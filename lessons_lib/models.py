@@ -87,14 +87,19 @@ def _as_dtype(dtype) -> torch.dtype:
 # ------------------------------------------------------------------------------------------ where is the model?
 
 
-def _hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
-    """Can we open a TCP connection to the hub within `timeout` seconds? (DNS included, in a thread.)"""
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Can we open a TCP connection to the hub (HF_ENDPOINT, default https://huggingface.co, its port or 443/80)
+    within `timeout` seconds? The probe runs in a daemon thread that is abandoned after `timeout`, so a stalled
+    name lookup (which a socket timeout does not cover) cannot hang the caller."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
     result = []
 
     def probe():
         try:
-            socket.create_connection((host, 443), timeout=timeout).close()
+            socket.create_connection((host, port), timeout=timeout).close()
             result.append(True)
         except OSError:
             result.append(False)
@@ -136,7 +141,7 @@ def resolve_model_source(model_name) -> tuple[str, bool, str]:
         raise FileNotFoundError(f"load_model: no such file or folder: {path}")
     # a hub id
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
-    if not offline and not _hub_reachable():
+    if not offline and not hub_reachable():
         offline = True
         logger.warning("load_model: the hub is not reachable within %.0f s; using the local cache only", HUB_TIMEOUT_S)
     if offline:
