@@ -36,13 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from ppo_iteration import EOS, PAD, QKVO, environment, word_tokenizer  # noqa: E402
+from common import EOS, PAD, REPO, word_tokenizer  # this checkout on sys.path, offline
+from ppo_iteration import QKVO, environment
 
 ALL_PROJ = QKVO + ["gate_proj", "up_proj", "down_proj"]
 SIZES = {  # name -> (architecture, config, GPU size to fit in, GiB)

@@ -24,12 +24,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+import common  # noqa: E402  (this checkout on sys.path, offline)
 
-QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
-                  rms_norm_eps=1e-6, max_position_embeddings=32768)
+ROOT = common.REPO
+QWEN2_1_5B = dict(common.QWEN2_1_5B, max_position_embeddings=32768)  # Qwen2-1.5B's own context length
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=1024)
 VARIANTS = {  # name -> (description, from_backbone kwargs)

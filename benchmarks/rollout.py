@@ -28,18 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # lessons_lib from this checkout, installed or not
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import EOS, PAD, QWEN2_1_5B, REPO, build_model  # this checkout on sys.path, offline
 
-QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
-                  rms_norm_eps=1e-6, max_position_embeddings=4096)
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=512, tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=512)
-EOS, PAD = 1, 0
 
 # name -> (worker process, what it measures)
 STACKS = {
@@ -55,28 +47,6 @@ STACKS = {
 
 
 # ------------------------------------------------------------------------------------------------ parent
-
-
-def build_model(folder: Path, config: dict, device: str):
-    """Random bf16 Qwen2 (built on the device: seconds, not minutes) and a word-level tokenizer, saved."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, models
-
-    if (folder / "config.json").exists():
-        return
-    cfg = transformers.Qwen2Config(**config, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.Qwen2ForCausalLM(cfg)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": 2, **{f"w{i}": i for i in range(3, 200)}}
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                               eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    tok.save_pretrained(folder)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run_worker(kind: str, stacks: list[str], args, model_dir: Path, timeout: int) -> dict:
@@ -143,7 +113,7 @@ def main():
                                                                         "lessons-rollout-qwen2-1.5b"))
     started = time.time()
     print(f"model: random Qwen2 {'tiny' if q else '1.5B'} config -> {model_dir}", flush=True)
-    build_model(model_dir, config, device)
+    build_model(model_dir, config, device, words=200)
     results = {}
     for kind in ("main", "unsloth"):
         mine = [s for s in stacks if STACKS[s][0] == kind]

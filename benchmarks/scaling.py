@@ -31,15 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # lessons_lib from this checkout, installed or not
+from common import QWEN2_1_5B, REPO, build_model  # this checkout on sys.path, offline
 
-QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
-                  rms_norm_eps=1e-6, max_position_embeddings=4096)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=512, tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=512)
-PAD, EOS = 0, 1
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DEFAULTS = {  # name: (GPU, --quick)
     "per_process_batch": (16, 4), "mini_batch": (8, 2), "ppo_epochs": (4, 2), "prompt_len": (64, 8),
@@ -48,28 +43,6 @@ DEFAULTS = {  # name: (GPU, --quick)
 
 
 # ------------------------------------------------------------------------------------------------ parent
-
-
-def build_model(folder: Path, config: dict, device: str) -> None:
-    """A random bf16 Qwen2 (built on the device: seconds) and a word-level tokenizer, saved once to `folder`."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, models
-
-    if (folder / "config.json").exists():
-        return
-    cfg = transformers.Qwen2Config(**config, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.Qwen2ForCausalLM(cfg)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": 2, **{f"w{i}": i for i in range(3, 256)}}
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                               eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    tok.save_pretrained(folder)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def launch(n: int, args, model_dir: Path) -> dict:
@@ -131,7 +104,7 @@ def main():
                                                                         "lessons-scaling-qwen2-1.5b"))
     started = time.time()
     print(f"model: random Qwen2 {'tiny' if args.quick else '1.5B'} config -> {model_dir}", flush=True)
-    build_model(model_dir, TINY if args.quick else QWEN2_1_5B, device)
+    build_model(model_dir, TINY if args.quick else QWEN2_1_5B, device, words=256)
     runs = {}
     for n in [int(x) for x in str(args.processes).split(",")]:
         if device == "cuda" and n > torch.cuda.device_count():

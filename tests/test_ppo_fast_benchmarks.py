@@ -31,7 +31,7 @@ def test_random_4bit_builder_equals_load_model(tmp_path):
     torch.manual_seed(0)
     plain = transformers.Qwen2ForCausalLM(cfg)
     plain.save_pretrained(tmp_path / "m")
-    from ppo_iteration import word_tokenizer
+    from common import word_tokenizer
 
     word_tokenizer(96).save_pretrained(tmp_path / "m")
     loaded, _ = load_model(str(tmp_path / "m"), load_in_4bit=True, device="cpu")
@@ -48,7 +48,7 @@ def test_random_4bit_builder_equals_load_model(tmp_path):
 
 
 def test_word_tokenizer_round_trip():
-    from ppo_iteration import word_tokenizer
+    from common import word_tokenizer
 
     tok = word_tokenizer(500)
     ids = torch.randint(3, 500, (40,)).tolist()
