@@ -20,22 +20,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..fastgen.model import unwrap_causal_lm as _unwrap  # one model-type check for rollouts and training
 from ..loss import linear_cross_entropy, next_token_targets
 from .layer import Layer, Run, layer_backward, layer_forward, rms_norm
 from .offload import Offloader
 from .proj import lora_params
 
-SUPPORTED = ("qwen2", "llama")
-
 
 def unwrap_causal_lm(model):
     """The transformers causal LM inside a peft model (or the model itself), checked to be supported."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    model_type = getattr(getattr(inner, "config", None), "model_type", None)
-    if model_type not in SUPPORTED:
-        raise NotImplementedError(f"FastDecoder supports {SUPPORTED} models, got model_type={model_type!r} "
-                                  f"({type(inner).__name__}); train it through transformers instead")
-    return inner
+    return _unwrap(model, "FastDecoder", "train it through transformers instead")
 
 
 class _LayerFn(torch.autograd.Function):

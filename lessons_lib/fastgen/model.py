@@ -24,13 +24,14 @@ from .weights import Proj, Source
 SUPPORTED = ("qwen2", "llama")
 
 
-def unwrap_causal_lm(model):
-    """The transformers causal LM inside a peft model (or the model itself)."""
+def unwrap_causal_lm(model, who: str = "the rollout engine", instead: str = "use transformers' generate for this model"):
+    """The transformers causal LM inside a peft model (or the model itself), checked to be a SUPPORTED one; the error
+    names `who` needs it and what to do `instead` (FastDecoder shares this check)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     model_type = getattr(getattr(inner, "config", None), "model_type", None)
     if model_type not in SUPPORTED:
-        raise NotImplementedError(f"fast rollouts support {SUPPORTED} models, got model_type={model_type!r} "
-                                  f"({type(inner).__name__}); use transformers' generate for this model")
+        raise NotImplementedError(f"{who} supports {SUPPORTED} models, got model_type={model_type!r} "
+                                  f"({type(inner).__name__}); {instead}")
     return inner
 
 
